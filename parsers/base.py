@@ -1,0 +1,70 @@
+"""Shared types of the parsers package: the parsed Document, the error, the limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ParseError(Exception):
+    """A file could not be parsed; ``str(error)`` is a message a person understands."""
+
+
+class UnsupportedFileType(ParseError):
+    """The file's name matches no registered parser."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """The text of one parsed file and what is known about it.
+
+    ``metadata`` always holds ``format`` ("pdf", "docx", "text" or "code") and
+    ``name``; pdf adds ``pages`` (``{"page", "start", "end"}`` character offsets
+    into ``text``) and ``page_count``; text and code add ``encoding``; code adds
+    ``language`` (a Markdown fence label such as "python").
+    """
+
+    text: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """What a parse may cost before it is refused."""
+
+    max_bytes: int = 50 * 1024 * 1024
+    max_pages: int = 2000
+    max_docx_uncompressed: int = 200 * 1024 * 1024
+    timeout_s: float = 60.0
+
+    def __post_init__(self):
+        for key in ("max_bytes", "max_pages", "max_docx_uncompressed", "timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"ParseLimits.{key} must be positive, got {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict:
+        """The limits as a plain dict (what travels to a worker process)."""
+        return {
+            "max_bytes": self.max_bytes,
+            "max_pages": self.max_pages,
+            "max_docx_uncompressed": self.max_docx_uncompressed,
+            "timeout_s": self.timeout_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ParseLimits":
+        """Build limits from a dict; unknown keys are an error, not silently dropped."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown ParseLimits keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def human_size(n_bytes: float) -> str:
+    """Format a byte count for messages: 512 bytes, 3.2 KB, 50 MB."""
+    if n_bytes < 1024:
+        return f"{int(n_bytes)} bytes"
+    for unit in ("KB", "MB", "GB"):
+        n_bytes /= 1024
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.1f} {unit}".replace(".0 ", " ")
+    raise AssertionError("unreachable")
