@@ -1,0 +1,147 @@
+"""Uploaded files of a session: stored bytes, parsed text and their records.
+
+A mixin of :class:`sessions.store.SessionStore`, kept apart so each module
+has one job. Uploads live in ``<sid>/files/`` under random names (the user's
+file name is only a display label); parsed text lives in
+``<sid>/parsed/<fid>.json``, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tinydb import where
+
+from . import records
+from .errors import FileNotFound
+from .names import display_file_name, is_valid_id, new_id, safe_extension
+from .storage import atomic_write_bytes
+
+INTERRUPTED = "Interrupted by a restart; upload the file again."
+
+
+class FileMethods:
+    """File operations; relies on the store's lock and session helpers."""
+
+    def files_dir(self, owner: str, sid: str) -> Path:
+        """Where the session's uploads are stored (created on demand)."""
+        with self._lock:
+            self._require(owner, sid)
+            folder = self._session_dir(sid) / "files"
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+
+    def safe_upload_path(self, owner: str, sid: str, original_name: str) -> Path:
+        """A fresh random path inside ``files_dir`` keeping a sanitized extension."""
+        return self.files_dir(owner, sid) / (new_id() + safe_extension(original_name))
+
+    def add_file(self, owner: str, sid: str, name: str, stored_path: str) -> dict:
+        """Record an upload in state "parsing".
+
+        ``name`` is a display label only. ``stored_path`` should come from
+        :meth:`safe_upload_path`; a file elsewhere (e.g. Gradio's temp dir) is
+        copied in, so the store owns and can delete every byte it lists.
+        """
+        folder = self.files_dir(owner, sid)
+        stored = Path(stored_path)
+        copied = None
+        if stored.resolve().parent != folder.resolve():
+            if not stored.is_file():
+                raise ValueError(f"Uploaded file not found: {stored.name}")
+            copied = stored = self.safe_upload_path(owner, sid, name)
+            shutil.copyfile(stored_path, stored)
+        with self._lock:
+            try:
+                rec = self._require(owner, sid)  # it may have been deleted during the copy
+            except KeyError:
+                if copied is not None:
+                    copied.unlink(missing_ok=True)
+                raise
+            doc = records.new_file(new_id(), display_file_name(name), stored.name, self._now())
+            self._session_db(sid, create=True).table("files").insert(doc)
+            self._touch(rec, when=doc["created_at"])
+            return records.public_file(doc)
+
+    def set_file_ready(self, owner: str, sid: str, fid: str, text: str,
+                       metadata: dict, tokens: int) -> dict:
+        """Store the parsed text and metadata; the file becomes "ready"."""
+        records.check_text(text, "Parsed text")
+        records.require_json(metadata, "File metadata")
+        payload = json.dumps({"text": text, "metadata": metadata}, ensure_ascii=False)
+        with self._lock:
+            self._file_doc(owner, sid, fid)
+            path = self._parsed_path(sid, fid)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, payload.encode("utf-8"))
+            return self._set_file(sid, fid, state="ready", error=None,
+                                  chars=len(text), tokens=int(tokens))
+
+    def set_file_error(self, owner: str, sid: str, fid: str, message: str) -> dict:
+        """Mark the file as failed with a message for the user."""
+        with self._lock:
+            self._file_doc(owner, sid, fid)
+            self._parsed_path(sid, fid).unlink(missing_ok=True)
+            return self._set_file(sid, fid, state="error", chars=0, tokens=0,
+                                  error=str(message)[:records.MAX_ERROR_CHARS])
+
+    def list_files(self, owner: str, sid: str) -> list[dict]:
+        """The session's file records in upload order."""
+        with self._lock:
+            self._require(owner, sid)
+            db = self._session_db(sid, create=False)
+            docs = sorted(db.table("files").all(), key=lambda d: d.doc_id) if db is not None else []
+            return [records.public_file(d) for d in docs]
+
+    def file_text(self, owner: str, sid: str, fid: str) -> tuple[str, dict]:
+        """Parsed text and metadata of a "ready" file."""
+        with self._lock:
+            doc = self._file_doc(owner, sid, fid)
+            if doc["state"] != "ready":
+                raise FileNotFound(f"File {doc['name']} has no parsed text (state: {doc['state']})")
+            try:
+                data = json.loads(self._parsed_path(sid, fid).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise FileNotFound(f"Parsed text of {doc['name']} is missing; upload it again") from None
+            return data["text"], data["metadata"]
+
+    def remove_file(self, owner: str, sid: str, fid: str) -> None:
+        """Remove the record, the stored bytes and the parsed text."""
+        with self._lock:
+            doc = self._file_doc(owner, sid, fid)
+            self._session_db(sid, create=False).table("files").remove(doc_ids=[doc.doc_id])
+            self._touch(self._require(owner, sid))
+            (self._session_dir(sid) / "files" / doc["stored_name"]).unlink(missing_ok=True)
+            self._parsed_path(sid, fid).unlink(missing_ok=True)
+
+    def mark_interrupted_uploads(self) -> int:
+        """At start: uploads a crash left in "parsing" become "error"; return how many."""
+        count = 0
+        with self._lock:
+            for rec in self._sessions.all():
+                if not is_valid_id(rec.get("id")) or not (self.root / rec["id"] / "files").is_dir():
+                    continue  # no upload ever started in this session
+                db = self._session_db(rec["id"], create=False)
+                if db is not None:
+                    count += len(db.table("files").update(
+                        {"state": "error", "error": INTERRUPTED}, where("state") == "parsing"))
+        return count
+
+    # --- internals ------------------------------------------------------
+
+    def _file_doc(self, owner: str, sid: str, fid: str):
+        self._require(owner, sid)
+        db = self._session_db(sid, create=False)
+        doc = db.table("files").get(where("id") == fid) if db is not None and is_valid_id(fid) else None
+        if doc is None:
+            raise FileNotFound(f"Unknown file id: {fid}")
+        return doc
+
+    def _set_file(self, sid: str, fid: str, **changes) -> dict:
+        table = self._session_db(sid, create=False).table("files")
+        table.update(changes, where("id") == fid)
+        return records.public_file(table.get(where("id") == fid))
+
+    def _parsed_path(self, sid: str, fid: str) -> Path:
+        return self._session_dir(sid) / "parsed" / f"{fid}.json"
