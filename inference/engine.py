@@ -1,0 +1,90 @@
+"""The engine: turns chat messages into a token stream for a local or remote model.
+
+It owns the admission gate (how many generations run at once, how many may wait), which is what
+keeps a burst of requests from taking the machine down: past the queue limit callers get `Busy`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator
+
+from .generate import Chunk, check_prompt, stream_generate
+from .params import GenerationParams
+
+REMOTE_CONTEXT = 8192  # assumed context of a remote engine, which does not tell us its own
+
+
+class Busy(RuntimeError):
+    """Too many requests are running or waiting; try again shortly."""
+
+    retry_after_s = 2
+
+
+class AdmissionGate:
+    """At most `max_running` holders at once, at most `max_waiting` waiting; the rest are refused."""
+
+    def __init__(self, max_running: int, max_waiting: int, wait_timeout_s: float = 300.0):
+        self.max_running, self.max_waiting, self.wait_timeout_s = max_running, max_waiting, wait_timeout_s
+        self._cond = threading.Condition()
+        self.running = 0
+        self.waiting = 0
+
+    def __enter__(self) -> "AdmissionGate":
+        with self._cond:
+            if self.running >= self.max_running:
+                if self.waiting >= self.max_waiting:
+                    raise Busy(f"the server is busy ({self.running} generations running, {self.waiting} waiting); "
+                               "try again in a moment")
+                self.waiting += 1
+                try:
+                    deadline = time.monotonic() + self.wait_timeout_s
+                    while self.running >= self.max_running:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not self._cond.wait(left):
+                            if self.running >= self.max_running:
+                                raise Busy("the server stayed busy too long; try again in a moment")
+                finally:
+                    self.waiting -= 1
+            self.running += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self.running -= 1
+            self._cond.notify()
+
+
+class Engine:
+    def __init__(self, max_concurrent: int = 8, max_queue: int = 64):
+        self.gate = AdmissionGate(max_concurrent, max_queue)
+
+    def stream_chat(self, model, messages: list[dict], params: GenerationParams,
+                    cancel: threading.Event, session_id: str | None = None) -> Iterator[Chunk]:
+        """Stream a reply to chat `messages` from a loaded model (or a remote engine's spec)."""
+        if getattr(model, "remote", None) is not None:
+            from .remote import stream_remote
+
+            with self.gate:
+                yield from stream_remote(model.remote, messages, params, cancel)
+            return
+        prompt_ids = model.render_chat(messages)
+        check_prompt(len(prompt_ids), model.context_length)
+        with self.gate:
+            yield from stream_generate(model, prompt_ids, params, cancel)
+
+    def context_limits(self, model) -> int:
+        return REMOTE_CONTEXT if getattr(model, "remote", None) is not None else model.context_length
+
+    def token_counter(self, model):
+        if getattr(model, "remote", None) is not None:
+            return self.approx_tokens
+        return model.count_tokens
+
+    @staticmethod
+    def approx_tokens(text: str) -> int:
+        return (len(text) + 3) // 4
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop whatever the engine caches for a deleted session."""

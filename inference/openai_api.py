@@ -1,0 +1,314 @@
+"""OpenAI-compatible routes (`/v1/models`, `/v1/chat/completions`) and `/health`, as a FastAPI router.
+
+Streaming runs the engine's generator on a worker thread and forwards its chunks as server-sent
+events; the event loop watches the connection, so a client that goes away sets the request's
+cancel event and the forward loop stops within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import AsyncIterator, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from models.manager import ModelError, UnknownModel
+from sessions import LOCAL_USER, SessionNotFound
+
+from .engine import Busy
+from .generate import PromptTooLong
+from .params import GenerationParams, InvalidParams
+
+log = logging.getLogger(__name__)
+
+_SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+                    "top_p": "top_p", "top_k": "top_k", "stop": "stop", "seed": "seed",
+                    "repetition_penalty": "repetition_penalty"}
+_IGNORED_FIELDS = {"n", "user", "stream_options", "frequency_penalty", "presence_penalty", "logit_bias", "model",
+                   "messages", "stream", "response_format", "tools", "tool_choice", "logprobs", "top_logprobs",
+                   "parallel_tool_calls", "metadata", "store", "service_tier"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def create_router(service, api_key: str | None = None) -> APIRouter:
+    router = APIRouter()
+
+    def check_key(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           "invalid_api_key", code="invalid_api_key")
+
+    @router.get("/health")
+    def health() -> dict:
+        models = service.list_models()
+        return {"status": "ok", "models_loaded": sum(m["state"] == "loaded" and m["kind"] == "local" for m in models),
+                "memory": service.memory_status()}
+
+    @router.get("/v1/models")
+    def list_models(request: Request):
+        try:
+            check_key(request)
+        except APIError as error:
+            return error.response()
+        data = [{"id": m["id"], "object": "model", "created": 0, "owned_by": "local" if m["kind"] == "local" else
+                 "remote", "name": m["name"], "state": m["state"], "architecture": m["architecture"],
+                 "quantization": m["quantization"], "context_length": m["context_length"]}
+                for m in service.list_models()]
+        return {"object": "list", "data": data}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            check_key(request)
+            body = await _read_json(request)
+            model_id, messages, params, stream = _parse_request(body, service.config.max_tokens_limit)
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            session_id = request.headers.get("x-session-id")
+            # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
+            owner = (service.store.owner_of(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
+            chunks = _open_stream(service, model_id, messages, params, session_id, owner)
+            cancel = chunks.cancel
+            first = await asyncio.to_thread(chunks.first)  # load errors surface here, as HTTP errors
+        except APIError as error:
+            return error.response()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if stream:
+            events = _sse_events(request, chunks, first, cancel, completion_id, created, model_id, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _collect(request, chunks, first, cancel, completion_id, created, model_id)
+
+    return router
+
+
+async def _read_json(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(400, f"The request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object")
+    return body
+
+
+def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], GenerationParams, bool]:
+    model_id = body.get("model")
+    if not isinstance(model_id, str) or not model_id:
+        raise APIError(400, "'model' is required and must be a string", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    clean = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
+            raise APIError(400, f"messages[{index}] needs a role of system, user or assistant",
+                           param=f"messages[{index}].role")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content
+                              if isinstance(part, dict) and part.get("type") == "text")
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{index}].content must be a string", param=f"messages[{index}].content")
+        role = "system" if message["role"] == "developer" else message["role"]
+        clean.append({"role": role, "content": content})
+    unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - _IGNORED_FIELDS)
+    if unknown:
+        log.info("ignoring unsupported fields: %s", ", ".join(unknown))
+    if body.get("n", 1) not in (1, None):
+        raise APIError(400, "only n=1 is supported", param="n")
+    sampling = {target: body[source] for source, target in _SAMPLING_FIELDS.items() if body.get(source) is not None}
+    sampling.setdefault("temperature", 1.0)
+    sampling.setdefault("top_p", 1.0)
+    sampling.setdefault("top_k", 0)
+    try:
+        params = GenerationParams.from_dict(sampling, max_tokens_limit=max_tokens_limit)
+    except (InvalidParams, TypeError) as error:
+        raise APIError(400, str(error), param=str(error).split(":")[0]) from None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be true or false", param="stream")
+    return model_id, clean, params, stream
+
+
+class _ChunkSource:
+    """Runs the engine's (blocking) generator on a worker thread, one chunk at a time."""
+
+    def __init__(self, iterator: Iterator, cancel: threading.Event):
+        self.iterator, self.cancel = iterator, cancel
+        self.lock = threading.Lock()
+
+    def first(self):
+        try:
+            return self.next()
+        except StopIteration:
+            return None
+        except Exception as error:
+            raise _as_api_error(error) from error
+
+    def next(self):
+        with self.lock:
+            return next(self.iterator)
+
+    def close(self) -> None:
+        self.cancel.set()
+        with self.lock:
+            close = getattr(self.iterator, "close", None)
+            if close:
+                close()
+
+
+def _open_stream(service, model_id, messages, params, session_id, owner) -> _ChunkSource:
+    cancel = threading.Event()
+    if session_id:
+        iterator = _session_stream(service, owner, session_id, model_id, messages, params, cancel)
+    else:
+        iterator = service.complete(model_id, messages, params, cancel)
+    return _ChunkSource(iterator, cancel)
+
+
+def _session_stream(service, owner, session_id, model_id, messages, params, cancel):
+    """Bind a /v1 request to a session: its last user message goes through the session's chat."""
+    from .generate import Chunk
+
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    settings = {k: v for k, v in params.to_dict().items() if v not in (None, [], ())}
+    updates = service.chat(owner, session_id, question, model_id, settings, cancel_event=cancel)
+    for update in updates:
+        if update.done:
+            stats = update.stats
+            yield Chunk(text=update.delta, completion_tokens=stats.get("completion_tokens", 0),
+                        prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason)
+        elif update.delta:
+            yield Chunk(text=update.delta)
+
+
+def _as_api_error(error: Exception) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, (UnknownModel, SessionNotFound)):
+        return APIError(404, str(error), "not_found_error", code="model_not_found"
+                        if isinstance(error, UnknownModel) else "session_not_found")
+    if isinstance(error, Busy):
+        return APIError(429, str(error), "rate_limit_error", code="busy",
+                        headers={"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, ModelError):
+        return APIError(503, str(error), "model_unavailable", code="model_unavailable", headers={"Retry-After": "5"})
+    if isinstance(error, (PromptTooLong, InvalidParams, ValueError)):
+        return APIError(400, str(error))
+    log.exception("chat completion failed")
+    return APIError(500, "internal error while generating; see the server log", "server_error")
+
+
+def _finish(chunk) -> str:
+    return {"cancelled": "stop"}.get(chunk.finish_reason, chunk.finish_reason or "stop")
+
+
+async def _sse_events(request: Request, source: _ChunkSource, first, cancel, completion_id, created, model_id,
+                      include_usage) -> AsyncIterator[bytes]:
+    def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+    chunk, done = first, False
+    try:
+        yield event({"role": "assistant", "content": ""})
+        while chunk is not None:
+            if chunk.text:
+                yield event({"content": chunk.text})
+            if chunk.finish_reason is not None:
+                yield event({}, _finish(chunk))
+                if include_usage:
+                    yield event({}, usage={"prompt_tokens": chunk.prompt_tokens,
+                                           "completion_tokens": chunk.completion_tokens,
+                                           "total_tokens": chunk.prompt_tokens + chunk.completion_tokens})
+                break
+            chunk = await _next_or_disconnect(request, source)
+        done = True
+        yield b"data: [DONE]\n\n"
+    except _Disconnected:
+        log.info("client went away; generation %s cancelled", completion_id)
+    except Exception as error:
+        api_error = _as_api_error(error)
+        body = {"error": {"message": api_error.message, "type": api_error.kind, "code": api_error.code}}
+        yield f"data: {json.dumps(body)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+        done = True
+    finally:
+        if not done:
+            cancel.set()
+        await asyncio.to_thread(source.close)
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _next_or_disconnect(request: Request, source: _ChunkSource):
+    """The next chunk; if the client disconnects meanwhile, cancel the generation and raise."""
+    task = asyncio.ensure_future(asyncio.to_thread(_next_or_none, source))
+    while True:
+        finished, _ = await asyncio.wait({task}, timeout=0.05)
+        if finished:
+            return task.result()
+        if await request.is_disconnected():
+            source.cancel.set()
+            raise _Disconnected()
+
+
+def _next_or_none(source: _ChunkSource):
+    try:
+        return source.next()
+    except StopIteration:
+        return None
+
+
+async def _collect(request, source: _ChunkSource, first, cancel, completion_id, created, model_id):
+    text, chunk, last = "", first, first
+    try:
+        while chunk is not None:
+            text += chunk.text
+            last = chunk
+            if chunk.finish_reason is not None:
+                break
+            chunk = await _next_or_disconnect(request, source)
+    except _Disconnected:
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    except Exception as error:
+        return _as_api_error(error).response()
+    finally:
+        await asyncio.to_thread(source.close)
+    prompt_tokens = getattr(last, "prompt_tokens", 0) if last else 0
+    completion_tokens = getattr(last, "completion_tokens", 0) if last else 0
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": _finish(last) if last else "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }

@@ -1,0 +1,106 @@
+"""Sampling parameters: one validated dataclass that every path passes along."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 200
+
+
+class InvalidParams(ValueError):
+    """A generation setting is out of range or unknown; the message names it."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_number("max_tokens", self.max_tokens, 1, 1_000_000, integer=True)
+        _check_number("temperature", self.temperature, 0.0, 5.0)
+        _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_number("top_k", self.top_k, 0, 1_000_000, integer=True)
+        _check_number("repetition_penalty", self.repetition_penalty, 0.1, 10.0)
+        if self.seed is not None:
+            _check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParams(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for item in self.stop:
+            if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
+                raise InvalidParams(f"stop: each stop string must be 1 to {MAX_STOP_LENGTH} characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @classmethod
+    def from_dict(cls, values: dict | None, *, max_tokens_limit: int | None = None) -> "GenerationParams":
+        """Build from user input; unknown keys and wrong types fail with a clear message."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidParams(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {k: v for k, v in values.items() if v is not None}
+        if "stop" in values:
+            stop = values["stop"]
+            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else stop
+            if not isinstance(values["stop"], tuple):
+                raise InvalidParams("stop: must be a string or a list of strings")
+        params = cls(**values)
+        if max_tokens_limit and params.max_tokens > max_tokens_limit:
+            raise InvalidParams(f"max_tokens: at most {max_tokens_limit} on this server, got {params.max_tokens}")
+        return params
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "stop": list(self.stop)}
+
+
+def _check_number(name, value, low, high, *, integer=False, low_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParams(f"{name}: must be a number, got {type(value).__name__}")
+    if integer and not float(value).is_integer():
+        raise InvalidParams(f"{name}: must be a whole number, got {value}")
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        bound = f"greater than {low}" if low_open else f"at least {low}"
+        raise InvalidParams(f"{name}: must be {bound} and at most {high}, got {value}")
+
+
+SETTINGS_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "system_prompt", "repetition_penalty")
+
+
+def parse_settings(raw: str | dict | None) -> dict:
+    """The `settings` argument of /chat: a JSON object string ("" = defaults), validated."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise InvalidParams(f"settings must be a JSON object: {error.msg} at position {error.pos}") from None
+    if not isinstance(raw, dict):
+        raise InvalidParams("settings must be a JSON object, e.g. {\"temperature\": 0.2}")
+    unknown = sorted(set(raw) - set(SETTINGS_KEYS))
+    if unknown:
+        raise InvalidParams(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(SETTINGS_KEYS)}")
+    system_prompt = raw.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InvalidParams("system_prompt: must be a string")
+    GenerationParams.from_dict({k: v for k, v in raw.items() if k != "system_prompt"})  # validate now
+    return dict(raw)
+
+
+def split_settings(settings: dict, *, max_tokens_limit: int | None = None) -> tuple[GenerationParams, str | None]:
+    """(sampling parameters, system prompt) from a validated settings dict."""
+    sampling = {k: v for k, v in settings.items() if k != "system_prompt"}
+    return GenerationParams.from_dict(sampling, max_tokens_limit=max_tokens_limit), settings.get("system_prompt")

@@ -1,0 +1,309 @@
+"""ChatService: the one set of functions behind the UI, the Gradio API and the /v1 routes.
+
+It wires the model manager, the engine, the session store and the parse pool together, and
+owns per-request state (cancel events). It knows nothing of Gradio components or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from models.catalog import Catalog, assemble_default_model, parse_remote_option
+from models.loader import LoadOptions
+from models.manager import ModelError, ModelManager
+from parsers import ParseError, ParseLimits, is_supported, supported_types
+from parsers.pool import ParsePool
+from sessions import SessionStore, assemble_context, session_documents
+
+from .config import AppConfig, default_memory_budget
+from .engine import Busy, Engine
+from .generate import Chunk, PromptTooLong
+from .params import GenerationParams, InvalidParams, parse_settings, split_settings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(ValueError):
+    """A request the service refuses; the message is for the person who sent it."""
+
+
+@dataclass
+class ChatUpdate:
+    """The reply so far, as the UI and /chat stream it."""
+
+    text: str  # the whole reply so far
+    delta: str = ""
+    done: bool = False
+    finish_reason: str | None = None
+    report: dict = field(default_factory=dict)  # context report: tokens, what was left out
+    stats: dict = field(default_factory=dict)  # tokens, tokens_per_second, ttft
+
+
+class ChatService:
+    def __init__(self, config: AppConfig):
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        extra = [parse_remote_option(value) for value in config.remotes]
+        self.catalog = Catalog(config.data_dir, extra=extra)
+        budget = config.memory_budget or default_memory_budget()
+        self.manager = ModelManager(
+            self.catalog, config.cache_dir, memory_budget=budget, idle_unload_s=config.idle_unload_s,
+            options=LoadOptions(max_context=config.max_context),
+        )
+        self.engine = Engine(max_concurrent=config.max_concurrent_generations, max_queue=config.max_queue)
+        self.store = SessionStore(config.data_dir)
+        self.store.on_delete.append(self.engine.forget_session)
+        self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits(
+            max_bytes=config.max_upload_bytes, timeout_s=config.parse_timeout_s))
+        self._cancels: dict[str, threading.Event] = {}
+        self._cancels_lock = threading.Lock()
+
+    # ----- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Assemble the bundled model, recover interrupted uploads, start timers and the preload."""
+        try:
+            assemble_default_model(self.config.models_dir)
+        except Exception as error:  # the app still serves other models and sessions
+            log.error("could not assemble the bundled default model: %s", error)
+        recovered = self.store.mark_interrupted_uploads()
+        if recovered:
+            log.warning("%d upload(s) were interrupted by a restart and are marked as failed", recovered)
+        self.manager.start_idle_timer()
+        if self.config.preload:
+            threading.Thread(target=self._preload, name="preload", daemon=True).start()
+
+    def _preload(self) -> None:
+        try:
+            self.manager.load(self.config.default_model)
+        except ModelError as error:
+            log.warning("preloading %s failed: %s", self.config.default_model, error)
+
+    def close(self) -> None:
+        self.parse_pool.shutdown()
+        self.manager.close()
+
+    # ----- models ------------------------------------------------------------------------------
+    def list_models(self) -> list[dict]:
+        return self.manager.records()
+
+    def load_model(self, model_id: str, progress=None) -> dict:
+        return self.manager.load(_required(model_id, "model_id"), progress)
+
+    def unload_model(self, model_id: str) -> dict:
+        return self.manager.unload(_required(model_id, "model_id"))
+
+    def pin_model(self, model_id: str, pinned: bool) -> dict:
+        return self.manager.pin(_required(model_id, "model_id"), pinned)
+
+    def memory_status(self) -> dict:
+        return {"used_bytes": self.manager.memory_used(), "budget_bytes": self.manager.memory_budget}
+
+    # ----- sessions ----------------------------------------------------------------------------
+    def new_session(self, owner: str, title: str = "", model_id: str = "") -> dict:
+        model_id = model_id or self.config.default_model
+        self.manager.record(model_id)  # unknown ids fail here, not at the first message
+        return self.store.create(owner, title=title or "", model_id=model_id)
+
+    def list_sessions(self, owner: str) -> list[dict]:
+        return self.store.list(owner)
+
+    def get_session(self, owner: str, session_id: str) -> dict:
+        return self.store.get(owner, _required(session_id, "session_id"))
+
+    def rename_session(self, owner: str, session_id: str, title: str) -> dict:
+        return self.store.rename(owner, _required(session_id, "session_id"), title)
+
+    def update_session(self, owner: str, session_id: str, *, model_id: str | None = None,
+                       settings: dict | None = None, system_prompt: str | None = None) -> dict:
+        if model_id:
+            self.manager.record(model_id)
+        if settings is not None:
+            settings = parse_settings(settings)
+        return self.store.update(owner, session_id, model_id=model_id or None, settings=settings,
+                                 system_prompt=system_prompt)
+
+    def delete_session(self, owner: str, session_id: str) -> dict:
+        self.stop(owner, session_id)
+        self.store.delete(owner, _required(session_id, "session_id"))
+        return {"deleted": session_id}
+
+    def history(self, owner: str, session_id: str) -> list[dict]:
+        return self.store.history(owner, _required(session_id, "session_id"))
+
+    def messages(self, owner: str, session_id: str) -> list[dict]:
+        return self.store.messages(owner, session_id)
+
+    def clear_history(self, owner: str, session_id: str) -> None:
+        self.store.clear_messages(owner, session_id)
+
+    # ----- chat --------------------------------------------------------------------------------
+    def chat(self, owner: str, session_id: str, message: str, model_id: str = "",
+             settings: str | dict | None = "", regenerate: bool = False,
+             cancel_event: threading.Event | None = None) -> Iterator[ChatUpdate]:
+        """Stream the assistant's reply to `message` in a session, storing both turns.
+
+        With `regenerate`, the last assistant reply is dropped and the last user message is answered
+        again (`message` is then ignored).
+        """
+        session = self.store.get(owner, _required(session_id, "session_id"))
+        merged = {**(session.get("settings") or {}), **parse_settings(settings)}
+        params, system_prompt = split_settings(merged, max_tokens_limit=self.config.max_tokens_limit)
+        system_prompt = system_prompt if system_prompt is not None else session.get("system_prompt") or ""
+        model_id = model_id or session.get("model_id") or self.config.default_model
+        if regenerate:
+            message = self._drop_last_reply(owner, session_id)
+        message = (message or "").strip()
+        if not message:
+            raise ServiceError("the message is empty")
+        if len(message) > self.config.max_prompt_chars:
+            raise ServiceError(f"the message is {len(message):,} characters; the limit is "
+                               f"{self.config.max_prompt_chars:,}")
+        cancel = self._new_cancel(session_id, cancel_event)
+        try:
+            yield from self._chat_turn(owner, session, message, model_id, params, system_prompt, cancel)
+        finally:
+            self._drop_cancel(session_id, cancel)
+
+    def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel):
+        session_id = session["id"]
+        history = [{"role": m["role"], "content": m["content"], "id": m["id"]}
+                   for m in self.store.messages(owner, session_id) if m["role"] in ("user", "assistant")]
+        documents = session_documents(self.store, owner, session_id)
+        with self.manager.use(model_id) as lm:
+            context = self.engine.context_limits(lm)
+            try:
+                assembled = assemble_context(
+                    system_prompt=system_prompt, documents=documents, history=history, question=message,
+                    count_tokens=self.engine.token_counter(lm), context_limit=context,
+                    reply_budget=min(params.max_tokens, max(16, context // 4)),
+                )
+            except ValueError as error:
+                raise ServiceError(str(error)) from error
+            self.store.add_message(owner, session_id, "user", message)
+            if session.get("model_id") != model_id:
+                self.store.update(owner, session_id, model_id=model_id)
+            yield ChatUpdate(text="", report=assembled.report)
+            text, last = "", Chunk()
+            for chunk in self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id):
+                text += chunk.text
+                last = chunk
+                if chunk.finish_reason is None:
+                    yield ChatUpdate(text=text, delta=chunk.text, report=assembled.report)
+        report = {**assembled.report, "prompt_tokens": last.prompt_tokens or assembled.report.get("prompt_tokens")}
+        stats = {"completion_tokens": last.completion_tokens, "prompt_tokens": last.prompt_tokens,
+                 "finish_reason": last.finish_reason, **{k: round(v, 3) for k, v in last.timings.items()}}
+        self.store.add_message(owner, session_id, "assistant", text, model_id=model_id,
+                               tokens=last.completion_tokens, context_report=report, stats=stats)
+        yield ChatUpdate(text=text, delta=last.text, done=True, finish_reason=last.finish_reason,
+                         report=report, stats=stats)
+
+    def _drop_last_reply(self, owner: str, session_id: str) -> str:
+        messages = self.store.messages(owner, session_id)
+        users = [m for m in messages if m["role"] == "user"]
+        if not users:
+            raise ServiceError("there is no message to regenerate a reply for")
+        last_user = users[-1]
+        self.store.delete_messages_from(owner, session_id, last_user["id"])
+        return last_user["content"]
+
+    def stop(self, owner: str, session_id: str) -> dict:
+        """Stop the session's running generation, if any; the forward loop ends within one token."""
+        self.store.get(owner, _required(session_id, "session_id"))
+        with self._cancels_lock:
+            event = self._cancels.get(session_id)
+        if event is None:
+            return {"stopped": False}
+        event.set()
+        return {"stopped": True}
+
+    def _new_cancel(self, session_id: str, event: threading.Event | None = None) -> threading.Event:
+        event = event or threading.Event()
+        with self._cancels_lock:
+            previous = self._cancels.get(session_id)
+            if previous is not None:  # one generation per session: a new message stops the old one
+                previous.set()
+            self._cancels[session_id] = event
+        return event
+
+    def _drop_cancel(self, session_id: str, event: threading.Event) -> None:
+        with self._cancels_lock:
+            if self._cancels.get(session_id) is event:
+                del self._cancels[session_id]
+
+    # ----- files -------------------------------------------------------------------------------
+    def upload_file(self, owner: str, session_id: str, source: str | Path, name: str | None = None) -> dict:
+        """Store an upload in the session and parse it in the background; returns at once."""
+        self.store.get(owner, _required(session_id, "session_id"))
+        source = Path(source)
+        name = name or source.name
+        if not is_supported(name):
+            raise ServiceError(f"{name}: unsupported file type; supported: {', '.join(supported_types())}")
+        if len(self.store.list_files(owner, session_id)) >= self.config.max_files_per_session:
+            raise ServiceError(f"this session already has {self.config.max_files_per_session} files; "
+                               "remove one first")
+        size = source.stat().st_size
+        if size > self.config.max_upload_bytes:
+            raise ServiceError(f"{name} is {size / 2**20:.1f} MB; the limit is "
+                               f"{self.config.max_upload_bytes / 2**20:.0f} MB")
+        target = self.store.safe_upload_path(owner, session_id, name)
+        shutil.copyfile(source, target)
+        record = self.store.add_file(owner, session_id, name, str(target))
+        future = self.parse_pool.submit(target, name=name)
+        future.add_done_callback(lambda f: self._parsed(owner, session_id, record["id"], target, f))
+        return record
+
+    def _parsed(self, owner: str, session_id: str, file_id: str, stored: Path, future) -> None:
+        try:
+            document = future.result()
+        except ParseError as error:
+            self._set_file_state(owner, session_id, file_id, error=str(error))
+            return
+        except Exception as error:  # the pool turns failures into ParseError; this is a last guard
+            self._set_file_state(owner, session_id, file_id, error=f"parsing failed: {error}")
+            return
+        self._set_file_state(owner, session_id, file_id, document=document)
+
+    def _set_file_state(self, owner, session_id, file_id, document=None, error=None) -> None:
+        try:
+            if document is not None:
+                tokens = self._count_tokens_approx(document.text)
+                self.store.set_file_ready(owner, session_id, file_id, document.text, document.metadata, tokens)
+            else:
+                self.store.set_file_error(owner, session_id, file_id, error)
+        except KeyError:
+            pass  # the file or its session was removed while it parsed
+
+    def _count_tokens_approx(self, text: str) -> int:
+        """Tokens with the default model's tokenizer when loaded; else about four characters a token."""
+        return self.engine.approx_tokens(text)
+
+    def list_files(self, owner: str, session_id: str) -> list[dict]:
+        return self.store.list_files(owner, _required(session_id, "session_id"))
+
+    def remove_file(self, owner: str, session_id: str, file_id: str) -> dict:
+        self.store.remove_file(owner, _required(session_id, "session_id"), _required(file_id, "file_id"))
+        return {"removed": file_id}
+
+    # ----- one-shot completions (the /v1 API) ----------------------------------------------------
+    def complete(self, model_id: str, messages: list[dict], params: GenerationParams,
+                 cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Stream a reply to OpenAI-style `messages` with no session attached."""
+        if not model_id:
+            raise ServiceError("model is required")
+        with self.manager.use(model_id) as lm:
+            yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event())
+
+
+def _required(value, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ServiceError(f"{name} is required")
+    return value.strip()
+
+
+__all__ = ["ChatService", "ChatUpdate", "ServiceError", "Busy", "InvalidParams", "PromptTooLong", "ModelError"]

@@ -1,0 +1,12 @@
+"""Models: the catalog, GGUF reading and conversion, loading, and the manager that owns them.
+
+Importing this package is cheap; torch and transformers load with `models.loader`/`models.manager`.
+"""
+
+from .catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, RemoteEngine, assemble_default_model
+from .gguf_file import GGUFError, GGUFHeader, read_header
+
+__all__ = [
+    "DEFAULT_MODEL_ID", "Catalog", "ModelSpec", "RemoteEngine", "assemble_default_model",
+    "GGUFError", "GGUFHeader", "read_header",
+]

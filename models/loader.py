@@ -1,0 +1,199 @@
+"""Load a GGUF model for generation: convert once into a cached checkpoint, then load that.
+
+The first load of a file dequantizes it (models/convert.py) into
+`<cache>/converted/<sha256>-<dtype>/`; every later load memory-maps that safetensors file and
+reads the tokenizer from its `tokenizer.json`, the two in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .convert import convert_to_checkpoint
+from .gguf_file import GGUFHeader, read_header
+from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+DEFAULT_MAX_CONTEXT = 8192  # cap on the context we serve, to bound KV-cache memory on small machines
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+
+class LoadError(RuntimeError):
+    """A model could not be loaded; the message says why in words a person understands."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" | "bfloat16" | "float16" | "float32"
+    quantization: str = "none"  # "none" | "8bit" | "4bit" (bitsandbytes, CUDA only)
+    max_context: int = DEFAULT_MAX_CONTEXT
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: weights, tokenizer and how to format a chat for it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    chat_format: ChatFormat
+    context_length: int
+    device: torch.device
+    dtype: torch.dtype
+    architecture: str
+    stop_token_ids: frozenset[int]
+    memory_bytes: int
+    load_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` in this model's chat format, ending with the assistant's turn."""
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_format.template, add_generation_prompt=True, tokenize=False
+        )
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError("CUDA was asked for, but no CUDA device is available")
+    return device
+
+
+def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """bfloat16 on CPU (twice float32's decode speed here), bf16/fp16 on CUDA by what the card has."""
+    if preference != "auto":
+        try:
+            return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[preference]
+        except KeyError:
+            raise LoadError(f"unknown dtype {preference!r}; use auto, bfloat16, float16 or float32") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def bytes_per_param(dtype: torch.dtype, quantization: str = "none") -> float:
+    if quantization == "4bit":
+        return 0.6
+    if quantization == "8bit":
+        return 1.1
+    return torch.finfo(dtype).bits / 8
+
+
+def file_digest(path: Path, memo_file: Path) -> str:
+    """sha256 of the file, remembered by (path, size, mtime) so a catalog of large files stays fast."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = {}
+    if memo_file.exists():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(4 << 20), b""):
+            digest.update(block)
+    memo[key] = digest.hexdigest()
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(memo_file)
+    return memo[key]
+
+
+def checkpoint_dir(cache_root: Path, gguf_path: Path, dtype: torch.dtype) -> Path:
+    digest = file_digest(gguf_path, cache_root / "digests.json")
+    return cache_root / "converted" / f"{digest[:24]}-{str(dtype).removeprefix('torch.')}"
+
+
+def load_tokenizer(folder: Path):
+    """The fast tokenizer from `tokenizer.json`, straight into the Rust backend."""
+    from transformers import PreTrainedTokenizerFast
+
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    special = {k: settings[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if settings.get(k)}
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
+
+
+def load_weights(folder: Path, device: torch.device, dtype: torch.dtype, quantization: str):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype}
+    if quantization != "none":
+        if device.type != "cuda":
+            raise LoadError(f"{quantization} quantization needs a CUDA GPU (bitsandbytes); this machine has none")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return model.eval()
+
+
+def stop_ids(tokenizer, chat_format: ChatFormat) -> frozenset[int]:
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[token] for token in (*chat_format.stop_tokens, *KNOWN_STOP_TOKENS) if token in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOptions(),
+               progress: ProgressFn | None = None, header: GGUFHeader | None = None) -> LoadedModel:
+    """Load `gguf_path`, converting it first if no cached checkpoint exists. Raises `LoadError`."""
+    started = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+    if options.quantization not in QUANTIZATIONS:
+        raise LoadError(f"unknown quantization {options.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    header = header or read_header(gguf_path)
+    chat_format = chat_format_for(header.architecture, header.chat_template)
+    device = pick_device(options.device)
+    dtype = pick_dtype(device, options.dtype)
+    folder = checkpoint_dir(cache_root, gguf_path, dtype)
+    if not (folder / "model.safetensors").exists():
+        report(0.0, "converting the GGUF file (first load only)")
+        convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m))
+    report(0.9, "loading weights")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tokenizer_future = pool.submit(load_tokenizer, folder)
+        model = load_weights(folder, device, dtype, options.quantization)
+        tokenizer = tokenizer_future.result()
+    memory = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory += sum(b.numel() * b.element_size() for b in model.buffers())
+    context = min(int(getattr(model.config, "max_position_embeddings", header.context_length)),
+                  header.context_length, options.max_context)
+    report(1.0, "loaded")
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, chat_format=chat_format, context_length=context,
+        device=device, dtype=dtype, architecture=header.architecture,
+        stop_token_ids=stop_ids(tokenizer, chat_format), memory_bytes=memory,
+        load_seconds=time.perf_counter() - started,
+    )
