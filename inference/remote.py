@@ -1,0 +1,88 @@
+"""Remote engines: stream a chat from another OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama,
+or another instance of this app) through the same Chunk stream as a local model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Iterator
+
+import httpx
+
+from models.catalog import RemoteEngine
+from models.manager import ModelError
+
+from .generate import Chunk
+from .params import GenerationParams
+
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 300.0
+
+
+class RemoteError(ModelError):
+    """The remote engine is down or answered with an error."""
+
+
+def _request_body(engine: RemoteEngine, messages: list[dict], params: GenerationParams) -> dict:
+    body = {"model": engine.model, "messages": messages, "stream": True, "max_tokens": params.max_tokens,
+            "temperature": params.temperature, "top_p": params.top_p,
+            "stream_options": {"include_usage": True}}
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    return body
+
+
+def stream_remote(engine: RemoteEngine, messages: list[dict], params: GenerationParams,
+                  cancel: threading.Event) -> Iterator[Chunk]:
+    """Stream from `engine`; closing the connection on cancel stops the remote generation too."""
+    headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
+    timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+    started = time.perf_counter()
+    first_at, produced, usage, reason = None, 0, {}, None
+    try:
+        with httpx.Client(timeout=timeout) as client, client.stream(
+                "POST", f"{engine.base_url}/chat/completions", json=_request_body(engine, messages, params),
+                headers=headers) as response:
+            if response.status_code >= 400:
+                raise RemoteError(f"remote engine {engine.base_url} answered {response.status_code}: "
+                                  f"{_error_text(response)}")
+            for line in response.iter_lines():
+                if cancel.is_set():
+                    reason = "cancelled"
+                    break
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise RemoteError(f"remote engine error: {event['error'].get('message', event['error'])}")
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    reason = choice.get("finish_reason") or reason
+                    if text:
+                        produced += 1
+                        first_at = first_at or time.perf_counter()
+                        yield Chunk(text=text, completion_tokens=produced)
+    except httpx.HTTPError as error:
+        raise RemoteError(f"remote engine {engine.base_url} is unreachable ({type(error).__name__}: {error})") from None
+    finished = time.perf_counter()
+    completion = usage.get("completion_tokens", produced)
+    decode = finished - (first_at or finished)
+    yield Chunk(completion_tokens=completion, prompt_tokens=usage.get("prompt_tokens", 0),
+                finish_reason=reason or "stop",
+                timings={"ttft_s": (first_at or finished) - started, "total_s": finished - started,
+                         "tokens_per_second": (completion - 1) / decode if completion > 1 and decode > 0 else 0.0})
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = json.loads(response.read())
+        return str(body.get("error", {}).get("message") or body)
+    except (ValueError, AttributeError):
+        return response.text[:200] if hasattr(response, "text") else "error"
