@@ -76,6 +76,9 @@ class AppConfig:
     parse_timeout_s: float = 120.0
     parse_workers: int = 2
     max_context: int = 8192
+    batching: bool = True  # continuous batching of concurrent generations per model
+    prefix_cache: bool = True  # reuse a session's KV cache across turns
+    prefix_cache_bytes: int = 256 * 2**20
 
     @property
     def models_dir(self) -> Path:
@@ -121,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload", type=parse_size, default="50MB", help="largest uploaded file")
     parser.add_argument("--max-files", type=int, default=50, help="files per session")
     parser.add_argument("--parse-timeout", type=parse_duration, default="120s", help="time limit to parse one file")
+    parser.add_argument("--no-batching", dest="batching", action="store_false",
+                        help="run each generation on its own instead of batching concurrent ones")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="do not reuse a session's KV cache across turns")
     parser.add_argument("--max-context", type=int, default=8192,
                         help="cap on the context window served, in tokens (bounds KV-cache memory)")
     return parser
@@ -138,4 +145,5 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         max_queue=max(0, args.max_queue), max_tokens_limit=max(1, args.max_tokens_limit),
         max_upload_bytes=args.max_upload, max_files_per_session=max(1, args.max_files),
         parse_timeout_s=args.parse_timeout or 120.0, max_context=max(256, args.max_context),
+        batching=args.batching, prefix_cache=args.prefix_cache,
     )

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Iterator
 
+from .batcher import BatchScheduler
 from .generate import Chunk, check_prompt, stream_generate
 from .params import GenerationParams
 
@@ -57,8 +59,27 @@ class AdmissionGate:
 
 
 class Engine:
-    def __init__(self, max_concurrent: int = 8, max_queue: int = 64):
+    """Runs generations: continuously batched per model (default), or one decode loop per request."""
+
+    def __init__(self, max_concurrent: int = 8, max_queue: int = 64, *, batching: bool = True,
+                 prefix_cache_bytes: int = 256 * 2**20):
         self.gate = AdmissionGate(max_concurrent, max_queue)
+        self.batching = batching
+        self.max_batch = max_concurrent
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self._schedulers: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def scheduler(self, model) -> BatchScheduler:
+        """The model's decode loop, created on first use and dropped with the model."""
+        with self._lock:
+            scheduler = model.runtime.get("scheduler")
+            if scheduler is None:
+                scheduler = BatchScheduler(model, max_batch=self.max_batch,
+                                           prefix_cache_bytes=self.prefix_cache_bytes)
+                model.runtime["scheduler"] = scheduler
+                self._schedulers.add(scheduler)
+            return scheduler
 
     def stream_chat(self, model, messages: list[dict], params: GenerationParams,
                     cancel: threading.Event, session_id: str | None = None) -> Iterator[Chunk]:
@@ -72,7 +93,10 @@ class Engine:
         prompt_ids = model.render_chat(messages)
         check_prompt(len(prompt_ids), model.context_length)
         with self.gate:
-            yield from stream_generate(model, prompt_ids, params, cancel)
+            if self.batching:
+                yield from self.scheduler(model).stream(prompt_ids, params, cancel, session_key=session_id)
+            else:
+                yield from stream_generate(model, prompt_ids, params, cancel)
 
     def context_limits(self, model) -> int:
         return REMOTE_CONTEXT if getattr(model, "remote", None) is not None else model.context_length
@@ -87,4 +111,6 @@ class Engine:
         return (len(text) + 3) // 4
 
     def forget_session(self, session_id: str) -> None:
-        """Drop whatever the engine caches for a deleted session."""
+        """Drop whatever the engine caches for a deleted session (its KV prefix in every model)."""
+        for scheduler in list(self._schedulers):
+            scheduler.forget(session_id)

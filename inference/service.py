@@ -56,7 +56,9 @@ class ChatService:
             self.catalog, config.cache_dir, memory_budget=budget, idle_unload_s=config.idle_unload_s,
             options=LoadOptions(max_context=config.max_context),
         )
-        self.engine = Engine(max_concurrent=config.max_concurrent_generations, max_queue=config.max_queue)
+        self.engine = Engine(max_concurrent=config.max_concurrent_generations, max_queue=config.max_queue,
+                             batching=config.batching,
+                             prefix_cache_bytes=config.prefix_cache_bytes if config.prefix_cache else 0)
         self.store = SessionStore(config.data_dir)
         self.store.on_delete.append(self.engine.forget_session)
         self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ class LoadedModel:
     stop_token_ids: frozenset[int]
     memory_bytes: int
     load_seconds: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    runtime: dict = field(default_factory=dict)  # engine state that lives and dies with these weights
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` in this model's chat format, ending with the assistant's turn."""
@@ -182,6 +181,9 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         report(0.0, "converting the GGUF file (first load only)")
         convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m))
     report(0.9, "loading weights")
+    # transformers' lazy module is not safe to import from two threads at once: import first.
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         tokenizer_future = pool.submit(load_tokenizer, folder)
         model = load_weights(folder, device, dtype, options.quantization)

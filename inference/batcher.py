@@ -1,0 +1,258 @@
+"""Continuous batching: one decode loop per loaded model runs every active request's next token in a
+single forward pass. Requests join between steps (their prompts prefilled, reusing a session's cached
+prefix when it matches) and leave when done, each streaming its own chunks and stoppable alone.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from . import kv
+from .detok import IncrementalDetokenizer
+from .generate import Chunk, StopMatcher, check_prompt, sample_next
+from .params import GenerationParams
+
+
+class PrefixCache:
+    """Per-session KV of the last turn, reused when the next prompt starts with the same tokens."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[list[int], list, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(entry[2] for entry in self._entries.values())
+
+    def take(self, key: str, prompt_ids: list[int]) -> tuple[int, list | None]:
+        """(reused tokens, their KV layers) — at least one prompt token is always left to prefill."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is None:
+            self.misses += 1
+            return 0, None
+        ids, layers, _ = entry
+        limit = min(len(ids), len(prompt_ids) - 1)
+        common = 0
+        while common < limit and ids[common] == prompt_ids[common]:
+            common += 1
+        if common == 0:
+            self.misses += 1
+            return 0, None
+        self.hits += 1
+        return common, [(k[:, :, :common], v[:, :, :common]) for k, v in layers]
+
+    def put(self, key: str, ids: list[int], layers: list) -> None:
+        size = kv.layers_bytes(layers)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = (list(ids), layers, size)
+            total = sum(entry[2] for entry in self._entries.values())
+            while total > self.max_bytes and self._entries:
+                _, (_, _, dropped) = self._entries.popitem(last=False)
+                total -= dropped
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: GenerationParams
+    cancel: threading.Event
+    session_key: str | None
+    budget: int
+    out: queue.Queue = field(default_factory=queue.Queue)
+    produced: list[int] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    started: float = field(default_factory=time.perf_counter)
+    first_at: float | None = None
+    reused: int = 0
+    generator: torch.Generator | None = None
+    detok: IncrementalDetokenizer | None = None
+    stops: StopMatcher | None = None
+    done: bool = False
+
+
+class BatchScheduler:
+    """The decode loop of one loaded model. Its thread runs while there is work and exits when idle."""
+
+    def __init__(self, lm, max_batch: int = 8, prefix_cache_bytes: int = 256 * 2**20):
+        self.lm = lm
+        self.max_batch = max_batch
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._pending: list[_Request] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._running = False
+        self.steps = 0
+
+    # ----- the caller's side -----------------------------------------------------------------
+    def stream(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
+               session_key: str | None = None) -> Iterator[Chunk]:
+        check_prompt(len(prompt_ids), self.lm.context_length)
+        request = _Request(list(prompt_ids), params, cancel, session_key,
+                           budget=min(params.max_tokens, self.lm.context_length - len(prompt_ids)))
+        if not params.greedy:
+            request.generator = torch.Generator(device="cpu")
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+            request.generator.manual_seed(seed)
+        request.detok = IncrementalDetokenizer(self.lm.tokenizer)
+        request.stops = StopMatcher(params.stop)
+        with self._lock:
+            self._pending.append(request)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name="decode-loop", daemon=True).start()
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                item = request.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away: stop computing for it
+                cancel.set()
+
+    def forget(self, session_key: str) -> None:
+        if self.prefix:
+            self.prefix.forget(session_key)
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        batch: kv.Batch | None = None
+        rows: list[_Request] = []
+        try:
+            while True:
+                with self._lock:
+                    pending, self._pending = self._pending[: self.max_batch - len(rows)], \
+                        self._pending[self.max_batch - len(rows):]
+                    if not pending and not rows:
+                        self._running = False
+                        return
+                if pending:
+                    batch, rows = self._admit(batch, rows, pending)
+                if rows:
+                    batch, rows = self._step(batch, rows)
+        except BaseException as error:  # a failing step must not leave callers waiting forever
+            with self._lock:
+                orphans, self._pending, self._running = rows + self._pending, [], False
+            for request in orphans:
+                if not request.done:
+                    request.out.put(error)
+
+    def _admit(self, batch, rows, pending):
+        model = self.lm.model
+        with torch.inference_mode():
+            for request in pending:
+                if request.cancel.is_set():
+                    self._finish(request, "cancelled")
+                    continue
+                reused, layers = (self.prefix.take(request.session_key, request.prompt_ids)
+                                  if self.prefix and request.session_key else (0, None))
+                cache = kv.cache_from_layers(layers) if layers else kv.new_cache()
+                rest = request.prompt_ids[reused:]
+                ids = torch.tensor([rest], dtype=torch.long, device=self.lm.device)
+                positions = torch.arange(reused, reused + len(rest), device=self.lm.device).unsqueeze(0)
+                out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True,
+                            logits_to_keep=1)
+                request.reused = reused
+                request.fed = list(request.prompt_ids)
+                mask = torch.ones(1, len(request.prompt_ids), dtype=torch.long, device=self.lm.device)
+                if self._emit(request, out.logits[0, -1]):
+                    self._retire_single(request, kv.Batch(cache, mask))
+                    continue
+                batch = kv.join(batch, kv.Batch(cache, mask))
+                rows = rows + [request]
+        return batch, rows
+
+    def _step(self, batch: kv.Batch, rows: list[_Request]):
+        """One forward for every row's last token; retire rows that finished."""
+        device = self.lm.device
+        tokens = torch.tensor([[r.produced[-1]] for r in rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[len(r.fed)] for r in rows], dtype=torch.long, device=device)
+        mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=device)], dim=1)
+        with torch.inference_mode():
+            out = self.lm.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+        batch = kv.Batch(batch.cache, mask)
+        self.steps += 1
+        keep = []
+        for index, request in enumerate(rows):
+            request.fed.append(request.produced[-1])
+            if not self._emit(request, out.logits[index, -1]):
+                keep.append(index)
+            else:
+                self._remember(request, batch, index)
+        if len(keep) == len(rows):
+            return batch, rows
+        return kv.select(batch, keep), [rows[i] for i in keep]
+
+    def _emit(self, request: _Request, logits: torch.Tensor) -> bool:
+        """Sample the row's next token and send its text; True when the request is finished."""
+        if request.cancel.is_set():
+            self._finish(request, "cancelled")
+            return True
+        history = (torch.tensor(request.produced, dtype=torch.long)
+                   if request.params.repetition_penalty != 1.0 else None)
+        token = sample_next(logits.to("cpu"), request.params, request.generator, history)
+        if request.first_at is None:
+            request.first_at = time.perf_counter()
+        if token in self.lm.stop_token_ids:
+            self._finish(request, "stop")
+            return True
+        request.produced.append(token)
+        text, hit = request.stops.feed(request.detok.add(token))
+        if text:
+            request.out.put(Chunk(text=text, completion_tokens=len(request.produced),
+                                  prompt_tokens=len(request.prompt_ids)))
+        if hit:
+            self._finish(request, "stop", stopped_by_string=True)
+            return True
+        if len(request.produced) >= request.budget:
+            self._finish(request, "length")
+            return True
+        return False
+
+    def _finish(self, request: _Request, reason: str, stopped_by_string: bool = False) -> None:
+        tail = ""
+        if not stopped_by_string and request.detok is not None:
+            tail, hit = request.stops.feed(request.detok.flush())
+            tail += "" if hit else request.stops.flush()
+        now = time.perf_counter()
+        produced = len(request.produced)
+        decode = now - (request.first_at or now)
+        request.done = True
+        request.out.put(Chunk(
+            text=tail, completion_tokens=produced, prompt_tokens=len(request.prompt_ids), finish_reason=reason,
+            timings={"ttft_s": (request.first_at or now) - request.started, "total_s": now - request.started,
+                     "tokens_per_second": (produced - 1) / decode if produced > 1 and decode > 0 else 0.0,
+                     "cached_prompt_tokens": request.reused},
+        ))
+
+    def _remember(self, request: _Request, batch: kv.Batch, row: int) -> None:
+        if self.prefix and request.session_key:
+            self.prefix.put(request.session_key, request.fed, kv.row_layers(batch, row))
+
+    def _retire_single(self, request: _Request, batch: kv.Batch) -> None:
+        self._remember(request, batch, 0)
