@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -84,11 +85,13 @@ def tokenizer_fields(header: GGUFHeader) -> tuple[dict, dict]:
     return grouped["tokenizer"], tokenizer_config
 
 
-def build_tokenizer(header: GGUFHeader, config):
-    """A fast tokenizer of the class transformers picks for this model type."""
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(header: GGUFHeader):
+    """(fast tokenizer backend, tokenizer_config) built by transformers' GGUF tokenizer builders.
+
+    We keep the `tokenizers.Tokenizer` itself and save it as `tokenizer.json`: wrapping it in a
+    transformers class first would deep-copy (pickle) its 262k-token vocabulary for nothing.
+    """
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
     tokenizer_dict, tokenizer_config = tokenizer_fields(header)
     try:
@@ -96,13 +99,12 @@ def build_tokenizer(header: GGUFHeader, config):
     except (ValueError, KeyError) as error:
         raise UnsupportedModel(f"cannot build the tokenizer of {header.path.name}: {error}") from error
     tokenizer_config.update(extra)
-    tokenizer_class = TOKENIZER_MAPPING.get(type(config), None)
-    if isinstance(tokenizer_class, (tuple, list)):
-        tokenizer_class = tokenizer_class[-1] or tokenizer_class[0]
-    if tokenizer_class is None:  # llama has no registered class; AutoTokenizer uses the generic backend too
-        tokenizer_class = PreTrainedTokenizerFast
-    kwargs = {k: v for k, v in tokenizer_config.items() if v is not None and k != "chat_template"}
-    return tokenizer_class(tokenizer_object=backend, **kwargs)
+    return backend, {k: v for k, v in tokenizer_config.items() if v is not None and k != "chat_template"}
+
+
+def save_tokenizer(backend, tokenizer_config: dict, folder: Path) -> None:
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
 def dequantized_state_dict(header: GGUFHeader, config, dtype: torch.dtype,
@@ -153,22 +155,27 @@ def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
     """
     from safetensors.torch import save_file
 
+    # Import on this thread first: transformers' lazy module is not safe to import from two at once.
+    import transformers.integrations.gguf.gguf_tokenizer_mapping  # noqa: F401
+    import transformers.modeling_gguf_pytorch_utils  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
     started = time.perf_counter()
     config = build_config(header)
     config.dtype = dtype
-    if progress:
-        progress(0.02, "building the tokenizer")
-    tokenizer = build_tokenizer(header, config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".partial", dir=out_dir.parent))
     try:
-        state = dequantized_state_dict(header, config, dtype, progress)
-        if progress:
-            progress(0.97, "writing the converted weights")
-        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        del state
+        # The tokenizer (mostly Python) builds on a second thread while numpy dequantizes the weights.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tokenizer = pool.submit(build_tokenizer, header)
+            state = dequantized_state_dict(header, config, dtype, progress)
+            if progress:
+                progress(0.97, "writing the converted weights")
+            save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            del state
+            save_tokenizer(*tokenizer.result(), staging)
         config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
         (staging / "source.json").write_text(json.dumps({
             "gguf": str(header.path), "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - started, 2),

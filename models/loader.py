@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -100,28 +102,46 @@ def bytes_per_param(dtype: torch.dtype, quantization: str = "none") -> float:
     return torch.finfo(dtype).bits / 8
 
 
+_memo_lock = threading.Lock()  # one writer at a time for digests.json
+_folder_locks: dict[str, threading.Lock] = {}  # one conversion at a time per checkpoint folder
+_folder_locks_guard = threading.Lock()
+
+
+def _read_memo(memo_file: Path) -> dict:
+    try:
+        return json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def file_digest(path: Path, memo_file: Path) -> str:
-    """sha256 of the file, remembered by (path, size, mtime) so a catalog of large files stays fast."""
+    """sha256 of the file, remembered by (path, size, mtime) so a catalog of large files stays fast.
+
+    Safe to call from several threads at once (the manager loads models in parallel).
+    """
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    memo = {}
-    if memo_file.exists():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    if key in memo:
-        return memo[key]
+    with _memo_lock:
+        known = _read_memo(memo_file).get(key)
+    if known:
+        return known
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(4 << 20), b""):
             digest.update(block)
-    memo[key] = digest.hexdigest()
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(memo))
-    tmp.replace(memo_file)
+    with _memo_lock:
+        memo = _read_memo(memo_file)  # re-read: another thread may have added entries meanwhile
+        memo[key] = digest.hexdigest()
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
     return memo[key]
+
+
+def _folder_lock(folder: Path) -> threading.Lock:
+    with _folder_locks_guard:
+        return _folder_locks.setdefault(str(folder), threading.Lock())
 
 
 def checkpoint_dir(cache_root: Path, gguf_path: Path, dtype: torch.dtype) -> Path:
@@ -134,8 +154,9 @@ def load_tokenizer(folder: Path):
     from transformers import PreTrainedTokenizerFast
 
     settings = json.loads((folder / "tokenizer_config.json").read_text())
-    special = {k: settings[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if settings.get(k)}
-    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token")
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                   **{k: settings[k] for k in keys if settings.get(k) is not None})
 
 
 def load_weights(folder: Path, device: torch.device, dtype: torch.dtype, quantization: str):
@@ -177,9 +198,10 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     device = pick_device(options.device)
     dtype = pick_dtype(device, options.dtype)
     folder = checkpoint_dir(cache_root, gguf_path, dtype)
-    if not (folder / "model.safetensors").exists():
-        report(0.0, "converting the GGUF file (first load only)")
-        convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m))
+    with _folder_lock(folder):  # a second load of the same file waits for the first conversion
+        if not (folder / "model.safetensors").exists():
+            report(0.0, "converting the GGUF file (first load only)")
+            convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m))
     report(0.9, "loading weights")
     # transformers' lazy module is not safe to import from two threads at once: import first.
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
