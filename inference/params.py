@@ -38,6 +38,10 @@ class GenerationParams:
         for item in self.stop:
             if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
                 raise InvalidParams(f"stop: each stop string must be 1 to {MAX_STOP_LENGTH} characters")
+        for name in ("max_tokens", "top_k", "seed"):  # JSON's 64.0 passes as whole; the decode loop needs an int
+            value = getattr(self, name)
+            if isinstance(value, float):
+                object.__setattr__(self, name, int(value))
 
     @property
     def greedy(self) -> bool:

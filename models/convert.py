@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,12 @@ from .gguf_file import GGUFError, GGUFHeader, tensor_data
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, str], None]
+
+# transformers builds a model under process-wide patches (torch's default dtype, a no-op
+# `PreTrainedModel.tie_weights`) that it saves and restores without a lock: two builds at once
+# can leave them in place for good, and every later Gemma then gets an untied, random lm_head.
+# Every model build in this process (conversion skeleton, checkpoint load) takes this lock.
+MODEL_BUILD_LOCK = threading.Lock()
 
 # Architectures we load and test. Others may work through transformers, but we refuse them
 # with a clear message rather than serve a model nobody has checked.
@@ -118,7 +125,7 @@ def dequantized_state_dict(header: GGUFHeader, config, dtype: torch.dtype,
         get_gguf_hf_weights_map,
     )
 
-    with torch.device("meta"):
+    with MODEL_BUILD_LOCK, torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     config_dict = config.to_dict()
     processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config_dict)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .convert import convert_to_checkpoint
+from .convert import MODEL_BUILD_LOCK, convert_to_checkpoint
 from .gguf_file import GGUFHeader, read_header
 from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
 
@@ -174,7 +174,8 @@ def load_weights(folder: Path, device: torch.device, dtype: torch.dtype, quantiz
         )
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    with MODEL_BUILD_LOCK:  # see its comment: transformers' loading is not thread-safe
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     return model.eval()
 
 

@@ -142,10 +142,10 @@ class ModelManager:
     def estimate(self, spec: ModelSpec) -> int:
         """Bytes the model will take once loaded, from its tensor shapes and the dtype it loads in."""
         header = self.catalog.header(spec)
-        if header is None:
-            return 0
-        device = pick_device(self.options.device)
-        dtype = pick_dtype(device, self.options.dtype)
+        return 0 if header is None else self._estimate_header(header)
+
+    def _estimate_header(self, header) -> int:
+        dtype = pick_dtype(pick_device(self.options.device), self.options.dtype)
         return header.estimate_memory(bytes_per_param(dtype, self.options.quantization))
 
     def _entry(self, model_id: str, spec: ModelSpec | None = None) -> _Entry:
@@ -221,8 +221,9 @@ class ModelManager:
             with self._lock:
                 if entry.state == "error":
                     raise ModelError(entry.error)
-                if entry.state != "loaded":  # unloaded in between: try again
-                    return self._ensure_loaded(entry, progress)
+                retry = entry.state != "loaded"
+            if retry:  # unloaded in between: try again, outside the lock (a retry may wait or load)
+                self._ensure_loaded(entry, progress)
             return
         try:
             loaded = self._load_entry(entry, progress)
@@ -233,10 +234,14 @@ class ModelManager:
                 entry.state, entry.error, entry.reserved, entry.loaded = "error", message, 0, None
                 entry.done.set()
             release_memory()
+            if isinstance(error, ModelError):  # already says it (ModelTooLarge): keep its type for callers
+                raise
             raise ModelError(message) from error
         with self._lock:
             entry.loaded, entry.state = loaded, "loaded"
-            entry.reserved = loaded.memory_bytes
+            # keep the estimate's working margin (KV cache, activations) reserved: the weights alone
+            # would let the budget admit models that cannot all generate at once
+            entry.reserved = max(entry.reserved, loaded.memory_bytes)
             entry.last_used = time.monotonic()
             entry.done.set()
 
@@ -248,9 +253,7 @@ class ModelManager:
 
         path = ensure_local(entry.spec, lambda f, m: report(0.3 * f, m))
         header = read_header(path)
-        needed = header.estimate_memory(bytes_per_param(
-            pick_dtype(pick_device(self.options.device), self.options.dtype), self.options.quantization))
-        self._make_room(entry, needed)
+        self._make_room(entry, self._estimate_header(header))
         return self._loader(path, self.cache_root, self.options, progress=report, header=header)
 
     def _make_room(self, entry: _Entry, needed: int) -> None:
@@ -297,7 +300,8 @@ class ModelManager:
         with self._lock:
             entry.spec = dataclasses.replace(entry.spec, path=gguf_path, hub_repo=None, hub_file=None)
             entry.loaded, entry.state, entry.error = loaded, "loaded", None
-            entry.reserved, entry.last_used = loaded.memory_bytes, time.monotonic()
+            entry.reserved = max(self._estimate_header(header), loaded.memory_bytes)
+            entry.last_used = time.monotonic()
             entry.done.set()
         release_memory()
         return self.record(model_id)
