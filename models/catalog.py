@@ -136,12 +136,11 @@ class Catalog:
             return info
         try:
             header = self.header(spec)
-        except GGUFError as error:
-            info.update(on_disk=True, file_error=str(error), file_size_bytes=spec.path.stat().st_size)
-            return info
-        if header is not None:
-            info.update(architecture=header.architecture, quantization=header.quantization,
-                        file_size_bytes=header.file_size, context_length=header.context_length, on_disk=True)
+            if header is not None:
+                info.update(architecture=header.architecture, quantization=header.quantization,
+                            file_size_bytes=header.file_size, context_length=header.context_length, on_disk=True)
+        except (GGUFError, TypeError, ValueError, OSError) as error:  # one bad file must not break the list
+            info.update(on_disk=True, file_error=f"{spec.path.name}: unreadable GGUF metadata ({error})")
         return info
 
     def add_remote(self, model_id: str, name: str, engine: RemoteEngine) -> ModelSpec:

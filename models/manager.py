@@ -292,10 +292,18 @@ class ModelManager:
         if entry.spec.remote:
             raise ModelError(f"{model_id} is a remote engine; there are no weights to swap")
         gguf_path = Path(gguf_path)
+        with self._lock:
+            current = entry.reserved
         try:
             header = read_header(gguf_path)
+            # Both sets of weights live at once until running generations finish on the old ones.
+            self._make_room(entry, current + self._estimate_header(header))
             loaded = self._loader(gguf_path, self.cache_root, self.options, progress=progress, header=header)
         except Exception as error:
+            with self._lock:
+                entry.reserved = current
+            if isinstance(error, ModelError):
+                raise
             raise ModelError(_describe_failure(entry.spec, error)) from error
         with self._lock:
             entry.spec = dataclasses.replace(entry.spec, path=gguf_path, hub_repo=None, hub_file=None)

@@ -16,6 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gguf_factory import write_tiny_gguf  # noqa: E402
 
+
+def pytest_configure(config):
+    """One torch thread: the tiny test models run far faster so than fighting over two busy cores."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("LLM_TEST_TORCH_THREADS", "1")))
+
 ARCHS = ("llama", "qwen2", "gemma3")
 
 
