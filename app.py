@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import gradio as gr
@@ -28,12 +29,27 @@ log = logging.getLogger("app")
 
 STREAM_INTERVAL_S = 0.06  # UI updates at most ~16 per second, so the browser keeps up
 CSS = """
-#chat-column {min-width: 0}
-#session-list label {width: 100%}
-#reply-stats {font-size: 0.85em; opacity: 0.8; min-height: 1.5em}
-#model-status {font-size: 0.85em}
+.gradio-container {--font: ui-sans-serif, system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue",
+                   "Noto Sans", "Liberation Sans", Arial, sans-serif}
 footer {display: none !important}
-@media (max-width: 768px) { #side-column {display: none} }
+#chat-column {min-width: 0}
+#chat-header {align-items: center}
+#model-status {font-size: 0.85em; opacity: 0.8}
+#chat-tools {align-items: center; flex-wrap: nowrap}
+#reply-stats {font-size: 0.85em; opacity: 0.75; min-height: 1.4em}
+.chat-placeholder {text-align: center; opacity: 0.75}
+#session-list label {width: 100%}
+#remove-row, #manage-row {align-items: flex-end}
+#files-table, #models-table {--font-mono: var(--font); --input-text-size: var(--text-sm)}
+#confirm-delete-box {gap: var(--spacing-md)}
+.hint {font-size: 0.85em; opacity: 0.75}
+@media (max-width: 768px) {
+  #chatbot {height: 60dvh !important}
+  #chat-header {flex-wrap: wrap}
+  #model-status {flex-basis: 100%}
+  #chat-tools {flex-wrap: wrap}
+  #reply-stats {flex-basis: 100%; order: 2}
+}
 """
 
 
@@ -121,9 +137,13 @@ def register_api(service: ChatService) -> None:
     @friendly_stream
     def chat(session_id: str, message: str, model_id: str, settings: str, request: gr.Request) -> Iterator[str]:
         last = ""
-        for update in service.chat(owner_of(request), session_id, message, model_id or "", settings or ""):
-            last = update.text
-            yield last
+        updates = service.chat(owner_of(request), session_id, message, model_id or "", settings or "")
+        try:
+            for update in updates:
+                last = update.text
+                yield last
+        finally:
+            updates.close()  # a client that went away: the service stops and stores the partial reply
         yield last
 
     @friendly
@@ -174,12 +194,27 @@ def _discard_gradio_copy(path: str) -> None:
 
 
 # ----- the UI -----------------------------------------------------------------------------------
+FILE_HINT = ("PDF, Word (.docx), text, Markdown, CSV, JSON, HTML and source code. Files are read in the "
+             "background; once *ready*, their text goes into this chat's context.")
+# Gradio's sidebar covers the whole screen on a phone: start it closed there, and close it after a pick.
+CLOSE_SIDEBAR_ON_PHONE = """() => {
+  if (!window.matchMedia('(max-width: 768px)').matches) return;
+  const toggle = document.querySelector('.sidebar.open .toggle-button');
+  if (toggle) toggle.click();
+}"""
+
+
 def session_choices(service: ChatService, owner: str) -> list[tuple[str, str]]:
-    choices = []
-    for record in service.list_sessions(owner):
-        when = time.strftime("%d %b %H:%M", time.localtime(record["updated_at"]))
-        choices.append((f"{record['title']}  ·  {when}", record["id"]))
-    return choices
+    return [(f"{record['title']}  ·  {short_time(record['updated_at'])}", record["id"])
+            for record in service.list_sessions(owner)]
+
+
+def short_time(timestamp: float, now: float | None = None) -> str:
+    """'14:27' today, '25 Nov' this year, '25 Nov 2024' before."""
+    when, today = time.localtime(timestamp), time.localtime(now if now is not None else time.time())
+    if when[:3] == today[:3]:
+        return time.strftime("%H:%M", when)
+    return time.strftime("%d %b" if when.tm_year == today.tm_year else "%d %b %Y", when).lstrip("0")
 
 
 def chatbot_messages(service: ChatService, owner: str, session_id: str) -> list[dict]:
@@ -212,25 +247,60 @@ def describe_reply(stats: dict, report: dict) -> str:
     return " · ".join(parts)
 
 
+STATE_MARKS = {"loaded": "●", "loading": "◐", "error": "✕", "unloaded": "○"}
+
+
 def model_choices(service: ChatService) -> list[tuple[str, str]]:
-    marks = {"loaded": "●", "loading": "◐", "error": "✕", "unloaded": "○"}
-    return [(f"{marks.get(m['state'], '')} {m['name']}", m["id"]) for m in service.list_models()]
+    return [(f"{STATE_MARKS.get(m['state'], '')} {m['name']}", m["id"]) for m in service.list_models()]
 
 
 def models_table(service: ChatService) -> list[list]:
+    """One row per catalog model; narrow enough for the side panel (errors go in the State cell)."""
     rows = []
     for m in service.list_models():
         state = m["state"] + (f" {int((m['progress'] or 0) * 100)}%" if m["state"] == "loading" else "")
-        rows.append([m["id"], state, m["architecture"] or ("hub" if not m["on_disk"] else "?"),
-                     m["quantization"] or "", format_bytes(m["file_size_bytes"]) if m["file_size_bytes"] else "—",
-                     format_bytes(m["memory_bytes"]) if m["memory_bytes"] else "—", "📌" if m["pinned"] else "",
-                     m["error"] or ""])
+        state += f": {m['error']}" if m["error"] else ""
+        kind = " ".join(part for part in (m["architecture"] or ("hub" if not m["on_disk"] else "?"),
+                                          m["quantization"] or "") if part)
+        size = m["memory_bytes"] or m["file_size_bytes"]
+        rows.append([m["id"] + (" (pinned)" if m["pinned"] else ""), state, kind, format_bytes(size) if size else "—"])
     return rows
+
+
+MODEL_HEADERS = ["Model", "State", "Type", "Memory"]
 
 
 def memory_line(service: ChatService) -> str:
     status = service.memory_status()
     return f"Memory for models: **{format_bytes(status['used_bytes'])}** of {format_bytes(status['budget_bytes'])}"
+
+
+def model_note(record: dict) -> str:
+    """One line under the model picker: is it loaded, how big, how much context."""
+    if record["state"] == "loaded":
+        parts = ["● loaded"]
+        if record.get("memory_bytes"):
+            parts.append(format_bytes(record["memory_bytes"]))
+        if record.get("context_length"):
+            parts.append(f"context {record['context_length']:,} tokens")
+        return " · ".join(parts)
+    if record["state"] == "loading":
+        return f"◐ loading {int((record.get('progress') or 0) * 100)}%"
+    if record["state"] == "error":
+        return f"✕ {record.get('error') or 'failed to load'}"
+    return "○ not loaded yet: it loads with the first message"
+
+
+def shorten(text: str, limit: int = 160) -> str:
+    """A message short enough for a toast: its first clause, or its first `limit` characters.
+
+    ("x.exe: unsupported file type; supported: <a hundred extensions>" keeps the part before ";";
+    the uploader's hint says which types work.)
+    """
+    if len(text) <= limit:
+        return text
+    first = text.split("; ", 1)[0]
+    return first if len(first) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(",;") + " …"
 
 
 def files_table(service: ChatService, owner: str, session_id: str | None) -> list[list]:
@@ -253,324 +323,398 @@ def settings_values(session: dict, config: AppConfig) -> tuple:
 
 
 def build_ui(service: ChatService) -> gr.Blocks:
-    config = service.config
-    with gr.Blocks(title="Local LLM", fill_height=True) as demo:
-        last_session = gr.BrowserState(None, storage_key="local-llm-last-session")
-        current = gr.State(None)
-
-        with gr.Sidebar(label="Chats", open=True):
-            new_btn = gr.Button("＋ New chat", variant="primary", elem_id="new-chat")
-            sessions = gr.Radio(choices=[], show_label=False, elem_id="session-list", container=False)
-            with gr.Accordion("Rename or delete", open=False, elem_id="session-actions"):
-                title_box = gr.Textbox(label="Title", elem_id="rename-box", max_lines=1)
-                rename_btn = gr.Button("Rename", elem_id="rename-btn", size="sm")
-                delete_btn = gr.Button("Delete chat…", variant="stop", elem_id="delete-btn", size="sm")
-                with gr.Row(visible=False) as confirm_row:
-                    confirm_btn = gr.Button("Yes, delete", variant="stop", elem_id="confirm-delete", size="sm")
-                    keep_btn = gr.Button("Keep", size="sm")
-            with gr.Accordion("Export / import", open=False):
-                export_md = gr.DownloadButton("Download Markdown", size="sm")
-                export_js = gr.DownloadButton("Download JSON", size="sm")
-                import_btn = gr.UploadButton("Import JSON", file_types=[".json"], size="sm")
-
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, elem_id="chat-column"):
-                with gr.Row():
-                    model_dd = gr.Dropdown(label="Model", choices=model_choices(service), elem_id="model-dropdown",
-                                           scale=3)
-                    model_status = gr.Markdown(elem_id="model-status")
-                chatbot = gr.Chatbot(elem_id="chatbot", height="58vh", buttons=["copy"], show_label=False,
-                                     placeholder="Start a conversation: type a message below.",
-                                     feedback_options=None)
-                stats = gr.Markdown(elem_id="reply-stats")
-                with gr.Row():
-                    message = gr.Textbox(placeholder="Message… (Enter to send, Shift+Enter for a new line)",
-                                         show_label=False, lines=1, max_lines=8, scale=8, elem_id="message-box",
-                                         autofocus=True)
-                    send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn", min_width=80)
-                    stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop-btn", min_width=80)
-                with gr.Row():
-                    regen_btn = gr.Button("↻ Regenerate", size="sm", elem_id="regen-btn")
-                    clear_btn = gr.Button("Clear conversation", size="sm", elem_id="clear-btn")
-
-            with gr.Column(scale=2, elem_id="side-column", min_width=280):
-                with gr.Accordion("Files", open=True, elem_id="files-panel"):
-                    uploader = gr.File(file_count="multiple", label="Add files (drag and drop)", elem_id="uploader",
-                                       height=110)
-                    files = gr.Dataframe(headers=["File", "State", "Tokens", "Error"], interactive=False,
-                                         elem_id="files-table", wrap=True, value=[])
-                    with gr.Row():
-                        remove_dd = gr.Dropdown(label="File", choices=[], scale=3, elem_id="remove-dd")
-                        remove_btn = gr.Button("Remove", size="sm", scale=1, elem_id="remove-btn")
-                with gr.Accordion("Settings", open=False, elem_id="settings-panel"):
-                    system_prompt = gr.Textbox(label="System prompt", lines=3, elem_id="system-prompt")
-                    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
-                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top p")
-                    max_tokens = gr.Slider(16, config.max_tokens_limit, value=min(512, config.max_tokens_limit),
-                                           step=16, label="Max tokens")
-                    save_btn = gr.Button("Save settings", size="sm", elem_id="save-settings")
-                with gr.Accordion("Models", open=False, elem_id="models-panel"):
-                    memory = gr.Markdown(memory_line(service), elem_id="memory-line")
-                    models = gr.Dataframe(headers=["Model", "State", "Arch", "Quant", "File", "Memory", "Pin", "Error"],
-                                          interactive=False, elem_id="models-table", wrap=True,
-                                          value=models_table(service))
-                    with gr.Row():
-                        manage_dd = gr.Dropdown(label="Model", choices=[m[1] for m in model_choices(service)],
-                                                scale=3, elem_id="manage-dd")
-                    with gr.Row():
-                        load_btn = gr.Button("Load", size="sm", elem_id="load-btn")
-                        unload_btn = gr.Button("Unload", size="sm", elem_id="unload-btn")
-                        pin_btn = gr.Button("Pin / unpin", size="sm", elem_id="pin-btn")
-        poll = gr.Timer(1.5)
-
-        session_view = [current, last_session, sessions, title_box, chatbot, stats, files, remove_dd, model_dd,
-                        system_prompt, temperature, top_p, max_tokens]
-        private = {"api_visibility": "private"}
-
-        def show_session(owner: str, session_id: str):
-            session = service.get_session(owner, session_id)
-            return (session_id, session_id, gr.update(choices=session_choices(service, owner), value=session_id),
-                    session["title"], chatbot_messages(service, owner, session_id),
-                    last_stats(service, owner, session_id), files_table(service, owner, session_id),
-                    gr.update(choices=file_choices(service, owner, session_id), value=None),
-                    gr.update(choices=model_choices(service), value=session.get("model_id") or config.default_model),
-                    *settings_values(session, config))
-
-        @friendly
-        def on_load(remembered, request: gr.Request):
-            owner = owner_of(request)
-            known = {s["id"] for s in service.list_sessions(owner)}
-            if remembered not in known:
-                listed = service.list_sessions(owner)
-                remembered = listed[0]["id"] if listed else service.new_session(owner)["id"]
-            return show_session(owner, remembered)
-
-        @friendly
-        def on_new(request: gr.Request):
-            owner = owner_of(request)
-            return show_session(owner, service.new_session(owner)["id"])
-
-        @friendly
-        def on_switch(session_id, request: gr.Request):
-            if not session_id:
-                raise gr.Error("Pick a chat")
-            return show_session(owner_of(request), session_id)
-
-        @friendly
-        def on_rename(session_id, title, request: gr.Request):
-            owner = owner_of(request)
-            service.rename_session(owner, session_id, title)
-            return gr.update(choices=session_choices(service, owner), value=session_id)
-
-        @friendly
-        def on_delete(session_id, request: gr.Request):
-            owner = owner_of(request)
-            service.delete_session(owner, session_id)
-            listed = service.list_sessions(owner)
-            next_id = listed[0]["id"] if listed else service.new_session(owner)["id"]
-            return (*show_session(owner, next_id), gr.update(visible=False))
-
-        demo.load(on_load, [last_session], session_view, **private)
-        new_btn.click(on_new, None, session_view, **private)
-        sessions.input(on_switch, [sessions], session_view, **private)
-        rename_btn.click(on_rename, [current, title_box], [sessions], **private)
-        delete_btn.click(lambda: gr.update(visible=True), None, [confirm_row], **private)
-        keep_btn.click(lambda: gr.update(visible=False), None, [confirm_row], **private)
-        confirm_btn.click(on_delete, [current], [*session_view, confirm_row], **private)
-
-        # --- chat: one chain for Send, Enter and Regenerate ---
-        def stream_reply(owner, session_id, text, model_id, settings, history, regenerate=False):
-            history = list(history or [])
-            if regenerate:
-                while history and history[-1]["role"] == "assistant":
-                    history.pop()
-            else:
-                history.append({"role": "user", "content": text})
-            history.append({"role": "assistant", "content": ""})
-            yield history, "…", gr.update()
-            shown_at, final = 0.0, None
-            for update in service.chat(owner, session_id, text, model_id, settings, regenerate=regenerate):
-                history[-1] = {"role": "assistant", "content": update.text}
-                if update.done:
-                    final = update
-                elif time.monotonic() - shown_at >= STREAM_INTERVAL_S:
-                    shown_at = time.monotonic()
-                    yield history, "generating…", gr.update()
-            note = describe_reply(final.stats, final.report) if final else ""
-            yield history, note, gr.update(choices=session_choices(service, owner), value=session_id)
-
-        @friendly_stream
-        def on_send(session_id, text, model_id, history, request: gr.Request):
-            if not (text or "").strip():
-                return
-            yield from stream_reply(owner_of(request), session_id, text, model_id, "", history)
-
-        @friendly_stream
-        def on_regenerate(session_id, model_id, history, request: gr.Request):
-            yield from stream_reply(owner_of(request), session_id, "", model_id, "", history, regenerate=True)
-
-        chat_out = [chatbot, stats, sessions]
-        gen = {"concurrency_limit": config.max_concurrent_generations, "concurrency_id": "generation", **private}
-        pending = gr.State("")  # the message being sent, moved out of the textbox at once
-        for trigger in (send_btn.click, message.submit):
-            trigger(lambda text: ("", text), [message], [message, pending], queue=False, **private).then(
-                on_send, [current, pending, model_dd, chatbot], chat_out, **gen)
-        regen_btn.click(on_regenerate, [current, model_dd, chatbot], chat_out, **gen)
-
-        @friendly
-        def on_stop(session_id, request: gr.Request):
-            service.stop(owner_of(request), session_id)
-
-        stop_btn.click(on_stop, [current], None, queue=False, **private)
-
-        @friendly
-        def on_clear(session_id, request: gr.Request):
-            service.clear_history(owner_of(request), session_id)
-            return [], ""
-
-        clear_btn.click(on_clear, [current], [chatbot, stats], **private)
-
-        # --- model for this session, loaded on demand with a progress bar ---
-        @friendly
-        def on_model(session_id, model_id, request: gr.Request, progress=gr.Progress()):
-            if not model_id:
-                return gr.update(), ""
-            service.update_session(owner_of(request), session_id, model_id=model_id)
-            record = service.load_model(model_id, progress=lambda f, m: progress(f, desc=m))
-            return gr.update(choices=model_choices(service), value=model_id), _model_note(record)
-
-        model_dd.input(on_model, [current, model_dd], [model_dd, model_status], **private)
-
-        # --- settings ---
-        @friendly
-        def on_save(session_id, prompt, temp, p, tokens, request: gr.Request):
-            service.update_session(owner_of(request), session_id, system_prompt=prompt,
-                                   settings={"temperature": temp, "top_p": p, "max_tokens": int(tokens)})
-            gr.Info("Settings saved for this chat")
-
-        save_btn.click(on_save, [current, system_prompt, temperature, top_p, max_tokens], None, **private)
-
-        # --- files ---
-        @friendly
-        def on_upload(session_id, uploads, request: gr.Request):
-            owner = owner_of(request)
-            problems = []
-            for upload in uploads or []:
-                path = upload if isinstance(upload, str) else getattr(upload, "name", upload)
-                try:
-                    service.upload_file(owner, session_id, path, Path(path).name)
-                except _EXPECTED as error:
-                    problems.append(f"{Path(path).name}: {_message(error)}")
-                finally:
-                    _discard_gradio_copy(path)
-            if problems:
-                gr.Warning("; ".join(problems))
-            return None, files_table(service, owner, session_id), gr.update(
-                choices=file_choices(service, owner, session_id), value=None)
-
-        uploader.upload(on_upload, [current, uploader], [uploader, files, remove_dd], **private)
-
-        @friendly
-        def on_remove(session_id, file_id, request: gr.Request):
-            owner = owner_of(request)
-            if not file_id:
-                raise gr.Error("Pick a file to remove")
-            service.remove_file(owner, session_id, file_id)
-            return files_table(service, owner, session_id), gr.update(
-                choices=file_choices(service, owner, session_id), value=None)
-
-        remove_btn.click(on_remove, [current, remove_dd], [files, remove_dd], **private)
-
-        # --- model panel ---
-        def refresh_models():
-            return (models_table(service), memory_line(service),
-                    gr.update(choices=[m[1] for m in model_choices(service)]))
-
-        panel_out = [models, memory, manage_dd]
-
-        @friendly
-        def on_load_model(model_id, progress=gr.Progress()):
-            if not model_id:
-                raise gr.Error("Pick a model")
-            service.load_model(model_id, progress=lambda f, m: progress(f, desc=m))
-            return refresh_models()
-
-        @friendly
-        def on_unload_model(model_id):
-            if not model_id:
-                raise gr.Error("Pick a model")
-            service.unload_model(model_id)
-            return refresh_models()
-
-        @friendly
-        def on_pin(model_id):
-            if not model_id:
-                raise gr.Error("Pick a model")
-            record = service.manager.record(model_id)
-            service.pin_model(model_id, not record["pinned"])
-            return refresh_models()
-
-        load_btn.click(on_load_model, [manage_dd], panel_out, **private)
-        unload_btn.click(on_unload_model, [manage_dd], panel_out, **private)
-        pin_btn.click(on_pin, [manage_dd], panel_out, **private)
-
-        # --- polling: file states while parsing, model states while loading ---
-        def on_poll(session_id, request: gr.Request):
-            owner = owner_of(request)
-            try:
-                table = files_table(service, owner, session_id)
-            except _EXPECTED:
-                table = gr.update()
-            return (table, *refresh_models())
-
-        poll.tick(on_poll, [current], [files, *panel_out], show_progress="hidden", **private)
-
-        # --- export / import ---
-        @friendly
-        def on_export(session_id, kind, request: gr.Request):
-            owner = owner_of(request)
-            folder = Path(tempfile.mkdtemp(prefix="export-"))
-            if kind == "md":
-                path = folder / "chat.md"
-                path.write_text(export_markdown(service.store, owner, session_id), encoding="utf-8")
-            else:
-                path = folder / "chat.json"
-                path.write_text(json.dumps(export_json(service.store, owner, session_id), indent=2,
-                                           ensure_ascii=False), encoding="utf-8")
-            return str(path)
-
-        def on_export_md(session_id, request: gr.Request):
-            return on_export(session_id, "md", request)
-
-        def on_export_json(session_id, request: gr.Request):
-            return on_export(session_id, "json", request)
-
-        export_md.click(on_export_md, [current], [export_md], **private)
-        export_js.click(on_export_json, [current], [export_js], **private)
-
-        @friendly
-        def on_import(upload, request: gr.Request):
-            owner = owner_of(request)
-            path = upload if isinstance(upload, str) else upload.name
-            record = import_json(service.store, owner, Path(path).read_bytes())
-            return show_session(owner, record["id"])
-
-        import_btn.upload(on_import, [import_btn], session_view, **private)
-
+    """The page: chats in the sidebar, the conversation, and Files / Settings / Models tabs beside it."""
+    with gr.Blocks(title="Local LLM", fill_height=True, fill_width=True) as demo:
+        ui = SimpleNamespace(last_session=gr.BrowserState(None, storage_key="local-llm-last-session"),
+                             current=gr.State(None))
+        _sidebar(ui)
+        with gr.Row(equal_height=False, elem_id="main-row"):
+            _chat_column(ui, service)
+            with gr.Column(scale=2, min_width=300, elem_id="side-column"):
+                with gr.Tabs(elem_id="side-tabs"):
+                    _files_tab(ui)
+                    _settings_tab(ui, service.config)
+                    _models_tab(ui, service)
+        ui.poll = gr.Timer(1.5)
+        _wire_sessions(demo, ui, service)
+        _wire_chat(ui, service)
+        _wire_files(ui, service)
+        _wire_models(ui, service)
+        _wire_export(ui, service)
         register_api(service)
     return demo
 
 
-def _model_note(record: dict) -> str:
-    if record["state"] == "loaded":
-        return f"loaded · {format_bytes(record['memory_bytes'])} · context {record['context_length']}"
-    return record["error"] or record["state"]
+# --- layout ---
+def _sidebar(ui) -> None:
+    with gr.Sidebar(label="Chats", open=True, elem_id="chats-sidebar"):
+        ui.new_btn = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
+        ui.sessions = gr.Radio(choices=[], show_label=False, elem_id="session-list", container=False)
+        with gr.Accordion("Rename or delete", open=False, elem_id="session-actions"):
+            ui.title_box = gr.Textbox(label="Title", elem_id="rename-box", max_lines=1)
+            with gr.Row():
+                ui.rename_btn = gr.Button("Rename", elem_id="rename-btn", size="sm")
+                ui.delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn", size="sm")
+            with gr.Column(visible=False, variant="panel", elem_id="confirm-delete-box") as ui.confirm_box:
+                gr.Markdown("**Delete this chat?** Its messages and files go too; this cannot be undone.",
+                            elem_id="confirm-text")
+                with gr.Row():
+                    ui.confirm_btn = gr.Button("Yes, delete", variant="stop", elem_id="confirm-delete", size="sm")
+                    ui.keep_btn = gr.Button("Keep it", elem_id="keep-chat", size="sm")
+        with gr.Accordion("Export / import", open=False, elem_id="export-panel"):
+            ui.export_md = gr.DownloadButton("Download Markdown", size="sm", elem_id="export-md")
+            ui.export_js = gr.DownloadButton("Download JSON", size="sm", elem_id="export-json")
+            ui.import_btn = gr.UploadButton("Import JSON…", file_types=[".json"], size="sm", elem_id="import-json")
+
+
+def _chat_column(ui, service: ChatService) -> None:
+    with gr.Column(scale=3, min_width=320, elem_id="chat-column"):
+        with gr.Row(elem_id="chat-header"):
+            ui.model_dd = gr.Dropdown(label="Model", show_label=False, container=False, choices=model_choices(service),
+                                      elem_id="model-dropdown", scale=2, min_width=200)
+            ui.model_status = gr.Markdown(elem_id="model-status", container=False, min_width=160)
+        ui.chatbot = gr.Chatbot(elem_id="chatbot", height="calc(100dvh - 230px)", min_height=320,
+                                buttons=["copy"], show_label=False, feedback_options=None,
+                                placeholder='<div class="chat-placeholder"><h3>Start a conversation</h3>'
+                                            '<p>Type a message below. Files you add in the <em>Files</em> tab '
+                                            'become part of the context.</p></div>')
+        with gr.Row(elem_id="composer"):
+            ui.message = gr.Textbox(placeholder="Message (Enter to send, Shift+Enter for a new line)",
+                                    show_label=False, lines=1, max_lines=8, scale=1, elem_id="message-box",
+                                    autofocus=True, container=False)
+            ui.send_btn = gr.Button("Send", variant="primary", scale=0, min_width=88, elem_id="send-btn")
+            ui.stop_btn = gr.Button("Stop", variant="stop", scale=0, min_width=88, elem_id="stop-btn",
+                                    visible=False)
+        with gr.Row(elem_id="chat-tools"):
+            ui.stats = gr.Markdown(elem_id="reply-stats", container=False)
+            ui.regen_btn = gr.Button("↻ Regenerate", size="sm", scale=0, min_width=110, elem_id="regen-btn")
+            ui.clear_btn = gr.Button("Clear", size="sm", scale=0, min_width=70, elem_id="clear-btn")
+
+
+def _files_tab(ui) -> None:
+    with gr.Tab("Files", id="files", elem_id="files-tab"):
+        ui.uploader = gr.File(file_count="multiple", label="Add files to this chat", elem_id="uploader", height=120)
+        gr.Markdown(FILE_HINT, elem_classes=["hint"])
+        ui.files = gr.Dataframe(headers=["File", "State", "Tokens", "Error"], interactive=False,
+                                elem_id="files-table", wrap=True, value=[], buttons=[], show_label=False,
+                                column_widths=["36%", "18%", "18%", "28%"])
+        with gr.Row(elem_id="remove-row"):
+            ui.remove_dd = gr.Dropdown(label="Remove a file", choices=[], scale=3, elem_id="remove-dd")
+            ui.remove_btn = gr.Button("Remove", size="sm", scale=1, min_width=80, elem_id="remove-btn")
+
+
+def _settings_tab(ui, config: AppConfig) -> None:
+    with gr.Tab("Settings", id="settings", elem_id="settings-tab"):
+        gr.Markdown("For this chat only; saved with it.", elem_classes=["hint"])
+        ui.system_prompt = gr.Textbox(label="System prompt", lines=3, elem_id="system-prompt",
+                                      placeholder="e.g. You are a concise assistant.")
+        ui.temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature",
+                                   info="0 = always the most likely word; higher = more varied")
+        ui.top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top p", elem_id="top-p")
+        ui.max_tokens = gr.Slider(16, config.max_tokens_limit, value=min(512, config.max_tokens_limit), step=16,
+                                  label="Max tokens", elem_id="max-tokens", info="longest reply")
+        ui.save_btn = gr.Button("Save settings", variant="primary", size="sm", elem_id="save-settings")
+
+
+def _models_tab(ui, service: ChatService) -> None:
+    with gr.Tab("Models", id="models", elem_id="models-tab"):
+        ui.memory = gr.Markdown(memory_line(service), elem_id="memory-line")
+        ui.models = gr.Dataframe(headers=MODEL_HEADERS, interactive=False, elem_id="models-table", wrap=True,
+                                 value=models_table(service), buttons=[], show_label=False,
+                                 column_widths=["36%", "22%", "22%", "20%"])
+        ui.manage_dd = gr.Dropdown(label="Model to load or unload", choices=[m[1] for m in model_choices(service)],
+                                   elem_id="manage-dd")
+        with gr.Row(elem_id="manage-row"):
+            ui.load_btn = gr.Button("Load", variant="primary", size="sm", min_width=70, elem_id="load-btn")
+            ui.unload_btn = gr.Button("Unload", size="sm", min_width=70, elem_id="unload-btn")
+            ui.pin_btn = gr.Button("Pin / unpin", size="sm", min_width=70, elem_id="pin-btn")
+        gr.Markdown("Loaded models stay in memory until unloaded, idle for a while, or pushed out by another "
+                    "model. A pinned model is never unloaded on its own.", elem_classes=["hint"])
+
+
+PRIVATE = {"api_visibility": "private"}  # UI events stay out of the public API (API.md lists that)
+
+
+# --- sessions ---
+def _session_view(ui) -> list:
+    return [ui.current, ui.last_session, ui.sessions, ui.title_box, ui.chatbot, ui.stats, ui.files, ui.remove_dd,
+            ui.model_dd, ui.model_status, ui.system_prompt, ui.temperature, ui.top_p, ui.max_tokens]
+
+
+def show_session(service: ChatService, owner: str, session_id: str) -> tuple:
+    """Everything the page shows for one session, in _session_view's order."""
+    config = service.config
+    session = service.get_session(owner, session_id)
+    model_id = session.get("model_id") or config.default_model
+    try:
+        note = model_note(service.manager.record(model_id))
+    except _EXPECTED:
+        note = ""
+    return (session_id, session_id, gr.update(choices=session_choices(service, owner), value=session_id),
+            session["title"], chatbot_messages(service, owner, session_id),
+            last_stats(service, owner, session_id), files_table(service, owner, session_id),
+            gr.update(choices=file_choices(service, owner, session_id), value=None),
+            gr.update(choices=model_choices(service), value=model_id), note,
+            *settings_values(session, config))
+
+
+def _wire_sessions(demo: gr.Blocks, ui, service: ChatService) -> None:
+    view = _session_view(ui)
+
+    @friendly
+    def on_load(remembered, request: gr.Request):
+        owner = owner_of(request)
+        listed = service.list_sessions(owner)
+        if remembered not in {s["id"] for s in listed}:
+            remembered = listed[0]["id"] if listed else service.new_session(owner)["id"]
+        return show_session(service, owner, remembered)
+
+    @friendly
+    def on_new(request: gr.Request):
+        owner = owner_of(request)
+        return show_session(service, owner, service.new_session(owner)["id"])
+
+    @friendly
+    def on_switch(session_id, request: gr.Request):
+        if not session_id:
+            raise gr.Error("Pick a chat")
+        return show_session(service, owner_of(request), session_id)
+
+    @friendly
+    def on_rename(session_id, title, request: gr.Request):
+        owner = owner_of(request)
+        service.rename_session(owner, session_id, title)
+        return gr.update(choices=session_choices(service, owner), value=session_id)
+
+    @friendly
+    def on_delete(session_id, request: gr.Request):
+        owner = owner_of(request)
+        service.delete_session(owner, session_id)
+        listed = service.list_sessions(owner)
+        next_id = listed[0]["id"] if listed else service.new_session(owner)["id"]
+        return (*show_session(service, owner, next_id), gr.update(visible=False))
+
+    demo.load(on_load, [ui.last_session], view, **PRIVATE)
+    demo.load(None, None, None, js=CLOSE_SIDEBAR_ON_PHONE)
+    ui.new_btn.click(on_new, None, view, **PRIVATE)
+    ui.sessions.input(on_switch, [ui.sessions], view, **PRIVATE)
+    for event in (ui.new_btn.click, ui.sessions.input):
+        event(None, None, None, js=CLOSE_SIDEBAR_ON_PHONE)
+    for event in (ui.rename_btn.click, ui.title_box.submit):
+        event(on_rename, [ui.current, ui.title_box], [ui.sessions], **PRIVATE)
+    ui.delete_btn.click(lambda: gr.update(visible=True), None, [ui.confirm_box], queue=False, **PRIVATE)
+    ui.keep_btn.click(lambda: gr.update(visible=False), None, [ui.confirm_box], queue=False, **PRIVATE)
+    ui.confirm_btn.click(on_delete, [ui.current], [*view, ui.confirm_box], **PRIVATE)
+
+
+# --- chat: one chain for Send, Enter and Regenerate ---
+def stream_reply(service: ChatService, owner, session_id, text, model_id, history, regenerate=False):
+    """Yield (chat history, status line, session list, model note) while the reply streams in."""
+    history = list(history or [])
+    if regenerate:
+        while history and history[-1]["role"] == "assistant":
+            history.pop()
+    else:
+        history.append({"role": "user", "content": text})
+    history.append({"role": "assistant", "content": "…"})  # until the first words arrive
+    yield history, "waiting for the model…", gr.update(), gr.update()
+    shown_at, final = 0.0, None
+    for update in service.chat(owner, session_id, text, model_id, "", regenerate=regenerate):
+        if update.text or update.done:
+            history[-1] = {"role": "assistant", "content": update.text}
+        if update.done:
+            final = update
+        elif time.monotonic() - shown_at >= STREAM_INTERVAL_S:
+            shown_at = time.monotonic()
+            yield history, "generating…", gr.update(), gr.update()
+    note = describe_reply(final.stats, final.report) if final else ""
+    yield (history, note, gr.update(choices=session_choices(service, owner), value=session_id),
+           model_note(service.manager.record(model_id or service.get_session(owner, session_id)["model_id"])))
+
+
+def _wire_chat(ui, service: ChatService) -> None:
+    config = service.config
+
+    @friendly_stream
+    def on_send(session_id, text, model_id, history, request: gr.Request):
+        if not (text or "").strip():
+            return
+        yield from stream_reply(service, owner_of(request), session_id, text, model_id, history)
+
+    @friendly_stream
+    def on_regenerate(session_id, model_id, history, request: gr.Request):
+        yield from stream_reply(service, owner_of(request), session_id, "", model_id, history, regenerate=True)
+
+    # While a reply streams, Stop takes Send's place, and what would swap the chat under it waits.
+    locked = [ui.sessions, ui.new_btn, ui.regen_btn, ui.clear_btn, ui.confirm_btn, ui.import_btn]
+    toggled = [ui.send_btn, ui.stop_btn, *locked]
+
+    def busy(flag: bool) -> list:
+        return [gr.update(visible=not flag), gr.update(visible=flag), *[gr.update(interactive=not flag)] * len(locked)]
+
+    chat_out = [ui.chatbot, ui.stats, ui.sessions, ui.model_status]
+    gen = {"concurrency_limit": config.max_concurrent_generations, "concurrency_id": "generation", **PRIVATE}
+    fast = {"queue": False, **PRIVATE}
+    pending = gr.State("")  # the message being sent, moved out of the textbox at once
+    for trigger in (ui.send_btn.click, ui.message.submit):
+        trigger(lambda text: ("", text, *busy(bool(text.strip()))), [ui.message], [ui.message, pending, *toggled],
+                **fast).then(on_send, [ui.current, pending, ui.model_dd, ui.chatbot], chat_out, **gen).then(
+            lambda: busy(False), None, toggled, **fast)
+    ui.regen_btn.click(lambda: busy(True), None, toggled, **fast).then(
+        on_regenerate, [ui.current, ui.model_dd, ui.chatbot], chat_out, **gen).then(
+        lambda: busy(False), None, toggled, **fast)
+
+    @friendly
+    def on_stop(session_id, request: gr.Request):
+        service.stop(owner_of(request), session_id)
+
+    ui.stop_btn.click(on_stop, [ui.current], None, **fast)
+
+    @friendly
+    def on_clear(session_id, request: gr.Request):
+        service.clear_history(owner_of(request), session_id)
+        return [], ""
+
+    ui.clear_btn.click(on_clear, [ui.current], [ui.chatbot, ui.stats], **PRIVATE)
+
+    # the model for this session, loaded at once with a progress bar
+    @friendly
+    def on_model(session_id, model_id, request: gr.Request, progress=gr.Progress()):
+        if not model_id:
+            return gr.update(), ""
+        service.update_session(owner_of(request), session_id, model_id=model_id)
+        record = service.load_model(model_id, progress=lambda f, m: progress(f, desc=m))
+        return gr.update(choices=model_choices(service), value=model_id), model_note(record)
+
+    ui.model_dd.input(on_model, [ui.current, ui.model_dd], [ui.model_dd, ui.model_status], **PRIVATE)
+
+    @friendly
+    def on_save(session_id, prompt, temp, p, tokens, request: gr.Request):
+        service.update_session(owner_of(request), session_id, system_prompt=prompt,
+                               settings={"temperature": temp, "top_p": p, "max_tokens": int(tokens)})
+        gr.Info("Settings saved for this chat")
+
+    ui.save_btn.click(on_save, [ui.current, ui.system_prompt, ui.temperature, ui.top_p, ui.max_tokens], None,
+                      **PRIVATE)
+
+
+# --- files ---
+def _wire_files(ui, service: ChatService) -> None:
+    @friendly
+    def on_upload(session_id, uploads, request: gr.Request):
+        owner = owner_of(request)
+        problems = []
+        for upload in uploads or []:
+            path = upload if isinstance(upload, str) else getattr(upload, "name", upload)
+            try:
+                service.upload_file(owner, session_id, path, Path(path).name)
+            except _EXPECTED as error:
+                problems.append(shorten(_message(error)))
+            finally:
+                _discard_gradio_copy(path)
+        if problems:
+            gr.Warning("; ".join(problems))
+        return None, files_table(service, owner, session_id), gr.update(
+            choices=file_choices(service, owner, session_id), value=None)
+
+    ui.uploader.upload(on_upload, [ui.current, ui.uploader], [ui.uploader, ui.files, ui.remove_dd], **PRIVATE)
+
+    @friendly
+    def on_remove(session_id, file_id, request: gr.Request):
+        owner = owner_of(request)
+        if not file_id:
+            raise gr.Error("Pick a file to remove")
+        service.remove_file(owner, session_id, file_id)
+        return files_table(service, owner, session_id), gr.update(
+            choices=file_choices(service, owner, session_id), value=None)
+
+    ui.remove_btn.click(on_remove, [ui.current, ui.remove_dd], [ui.files, ui.remove_dd], **PRIVATE)
+
+
+# --- model panel, and the timer that shows file and model states as they change ---
+def _wire_models(ui, service: ChatService) -> None:
+    def refresh_models():
+        return (models_table(service), memory_line(service),
+                gr.update(choices=[m[1] for m in model_choices(service)]))
+
+    panel_out = [ui.models, ui.memory, ui.manage_dd]
+
+    def required(model_id: str) -> str:
+        if not model_id:
+            raise gr.Error("Pick a model first")
+        return model_id
+
+    @friendly
+    def on_load_model(model_id, progress=gr.Progress()):
+        service.load_model(required(model_id), progress=lambda f, m: progress(f, desc=m))
+        return refresh_models()
+
+    @friendly
+    def on_unload_model(model_id):
+        service.unload_model(required(model_id))
+        return refresh_models()
+
+    @friendly
+    def on_pin(model_id):
+        record = service.manager.record(required(model_id))
+        service.pin_model(model_id, not record["pinned"])
+        return refresh_models()
+
+    ui.load_btn.click(on_load_model, [ui.manage_dd], panel_out, **PRIVATE)
+    ui.unload_btn.click(on_unload_model, [ui.manage_dd], panel_out, **PRIVATE)
+    ui.pin_btn.click(on_pin, [ui.manage_dd], panel_out, **PRIVATE)
+
+    def on_poll(session_id, request: gr.Request):
+        try:
+            table = files_table(service, owner_of(request), session_id)
+        except _EXPECTED:  # the session was deleted in another tab
+            table = gr.update()
+        return table, models_table(service), memory_line(service)
+
+    ui.poll.tick(on_poll, [ui.current], [ui.files, ui.models, ui.memory], show_progress="hidden", **PRIVATE)
+
+
+# --- export / import ---
+def _wire_export(ui, service: ChatService) -> None:
+    @friendly
+    def export(session_id, kind, request: gr.Request):
+        owner = owner_of(request)
+        folder = Path(tempfile.mkdtemp(prefix="export-"))
+        if kind == "md":
+            path = folder / "chat.md"
+            path.write_text(export_markdown(service.store, owner, session_id), encoding="utf-8")
+        else:
+            path = folder / "chat.json"
+            path.write_text(json.dumps(export_json(service.store, owner, session_id), indent=2,
+                                       ensure_ascii=False), encoding="utf-8")
+        return str(path)
+
+    def on_export_md(session_id, request: gr.Request):
+        return export(session_id, "md", request)
+
+    def on_export_json(session_id, request: gr.Request):
+        return export(session_id, "json", request)
+
+    ui.export_md.click(on_export_md, [ui.current], [ui.export_md], **PRIVATE)
+    ui.export_js.click(on_export_json, [ui.current], [ui.export_js], **PRIVATE)
+
+    @friendly
+    def on_import(upload, request: gr.Request):
+        owner = owner_of(request)
+        path = upload if isinstance(upload, str) else upload.name
+        record = import_json(service.store, owner, Path(path).read_bytes())
+        return show_session(service, owner, record["id"])
+
+    ui.import_btn.upload(on_import, [ui.import_btn], _session_view(ui), **PRIVATE)
 
 
 # ----- the server -------------------------------------------------------------------------------
 def queued_ui(service: ChatService) -> gr.Blocks:
     demo = build_ui(service)
-    demo.queue(default_concurrency_limit=16, max_size=service.config.max_queue)
+    # No max_size: Gradio counts every waiting event against it, /stop and list calls included (gradio_client
+    # queues them all), so a queue full of waiting chats would refuse the /stop that frees it, and 0 refused
+    # everything. Chats wait their turn here (the UI shows the position); the engine's gate bounds generations.
+    demo.queue(default_concurrency_limit=16, max_size=None)
     return demo
 
 
@@ -618,13 +762,39 @@ def main(argv: list[str] | None = None) -> None:
     if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.auth or config.api_key):
         log.warning("listening on %s without --auth or --api-key: anyone on the network can use the app",
                     config.host)
-    import uvicorn
-
+    elif config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        log.warning("listening on %s without --api-key: --auth guards the UI, but anyone on the network can "
+                    "use the /v1 routes", config.host)
     log.info("serving on http://%s:%d", config.host, config.port)
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        make_server(app, config.host, config.port).run()
     finally:
         service.close()
+
+
+def make_server(app, host: str, port: int, **options):
+    """A uvicorn server for `app` that ends Gradio's open-ended streams when it shuts down.
+
+    Every open browser tab (and gradio_client) holds a session heartbeat stream that only ends
+    when the Gradio app's stop event is set; `gr.mount_gradio_app` leaves that to us, and without
+    it Ctrl-C waits for every tab to close.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            for gradio_app in mounted_gradio_apps(app):
+                gradio_app.stop_event.set()
+            await super().shutdown(sockets)
+
+    options = {"log_level": "warning", "timeout_graceful_shutdown": 10, **options}
+    return Server(uvicorn.Config(app, host=host, port=port, **options))
+
+
+def mounted_gradio_apps(app) -> list:
+    from gradio.routes import App
+
+    return [route.app for route in getattr(app, "routes", []) if isinstance(getattr(route, "app", None), App)]
 
 
 if __name__ == "__main__":

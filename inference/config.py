@@ -38,6 +38,17 @@ def parse_auth(text: str) -> tuple[str, str]:
     return user, password
 
 
+def check_remote(text: str) -> str:
+    """`--remote ID=URL[,model=NAME][,key=KEY]`, checked now so a typo is a usage error, not a traceback."""
+    from models.catalog import parse_remote_option
+
+    try:
+        parse_remote_option(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def default_memory_budget() -> int:
     """70% of the memory available now (of the GPU's when CUDA is present)."""
     try:
@@ -113,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=env.get("LLM_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on the /v1 routes (env LLM_API_KEY)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
-    parser.add_argument("--remote", action="append", default=[], metavar="ID=URL[,model=NAME][,key=KEY]",
+    parser.add_argument("--remote", type=check_remote, action="append", default=[],
+                        metavar="ID=URL[,model=NAME][,key=KEY]",
                         help="add a remote OpenAI-compatible engine to the catalog, e.g. "
                              "vllm=http://gpu-box:8000/v1,model=meta-llama/Llama-3.1-8B-Instruct")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
                         help="do not load the default model in the background at start")
     parser.add_argument("--max-concurrent", type=int, default=8, help="generations running at once")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting before 'busy' answers")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="generations waiting for a slot before 'busy' answers (/v1: 429); the UI and the "
+                             "Gradio API wait in Gradio's queue, which shows their place")
     parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     parser.add_argument("--max-upload", type=parse_size, default="50MB", help="largest uploaded file")
     parser.add_argument("--max-files", type=int, default=50, help="files per session")

@@ -88,7 +88,7 @@ class Engine:
             from .remote import stream_remote
 
             with self.gate:
-                yield from stream_remote(model.remote, messages, params, cancel)
+                yield from stream_remote(model.remote, messages, params, cancel, name=model.id)
             return
         prompt_ids = model.render_chat(messages)
         check_prompt(len(prompt_ids), model.context_length)

@@ -28,6 +28,8 @@ from .params import GenerationParams, InvalidParams
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
+
 _SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                     "top_p": "top_p", "top_k": "top_k", "stop": "stop", "seed": "seed",
                     "repetition_penalty": "repetition_penalty"}
@@ -84,7 +86,7 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             check_key(request)
             body = await _read_json(request)
             model_id, messages, params, stream = _parse_request(body, service.config.max_tokens_limit)
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = _include_usage(body)
             session_id = request.headers.get("x-session-id")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.store.owner_of(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
@@ -93,6 +95,9 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             first = await asyncio.to_thread(chunks.first)  # load errors surface here, as HTTP errors
         except APIError as error:
             return error.response()
+        except Exception:  # a bug: still answer in OpenAI's shape, and keep the details in the log
+            log.exception("chat completion request failed")
+            return APIError(500, "internal error; see the server log", "server_error").response()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
@@ -153,6 +158,16 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     return model_id, clean, params, stream
 
 
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object, e.g. {\"include_usage\": true}",
+                       param="stream_options")
+    return bool(options.get("include_usage"))
+
+
 class _ChunkSource:
     """Runs the engine's (blocking) generator on a worker thread, one chunk at a time."""
 
@@ -196,13 +211,16 @@ def _session_stream(service, owner, session_id, model_id, messages, params, canc
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     settings = {k: v for k, v in params.to_dict().items() if v not in (None, [], ())}
     updates = service.chat(owner, session_id, question, model_id, settings, cancel_event=cancel)
-    for update in updates:
-        if update.done:
-            stats = update.stats
-            yield Chunk(text=update.delta, completion_tokens=stats.get("completion_tokens", 0),
-                        prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason)
-        elif update.delta:
-            yield Chunk(text=update.delta)
+    try:
+        for update in updates:
+            if update.done:
+                stats = update.stats
+                yield Chunk(text=update.delta, completion_tokens=stats.get("completion_tokens", 0),
+                            prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason)
+            elif update.delta:
+                yield Chunk(text=update.delta)
+    finally:
+        updates.close()  # closed early (the client left): the session keeps the partial reply
 
 
 def _as_api_error(error: Exception) -> APIError:
@@ -270,15 +288,19 @@ class _Disconnected(Exception):
 
 
 async def _next_or_disconnect(request: Request, source: _ChunkSource):
-    """The next chunk; if the client disconnects meanwhile, cancel the generation and raise."""
+    """The next chunk; if the client disconnects meanwhile, cancel the generation and raise.
+
+    The connection is checked after every chunk as well as every 50 ms while waiting: a fast model
+    produces a token sooner than that, and a non-streaming request has no failed write to notice.
+    """
     task = asyncio.ensure_future(asyncio.to_thread(_next_or_none, source))
     while True:
-        finished, _ = await asyncio.wait({task}, timeout=0.05)
-        if finished:
-            return task.result()
+        finished, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if await request.is_disconnected():
             source.cancel.set()
             raise _Disconnected()
+        if finished:
+            return task.result()
 
 
 def _next_or_none(source: _ChunkSource):

@@ -73,10 +73,13 @@ class GenerationParams:
 def _check_number(name, value, low, high, *, integer=False, low_open=False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParams(f"{name}: must be a number, got {type(value).__name__}")
+    bound = f"greater than {low}" if low_open else f"at least {low}"
+    if isinstance(value, int) and not low <= value <= high:  # before float(): a 400-digit int overflows it
+        shown = value if abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit number"
+        raise InvalidParams(f"{name}: must be {bound} and at most {high}, got {shown}")
     if integer and not float(value).is_integer():
         raise InvalidParams(f"{name}: must be a whole number, got {value}")
     if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        bound = f"greater than {low}" if low_open else f"at least {low}"
         raise InvalidParams(f"{name}: must be {bound} and at most {high}, got {value}")
 
 

@@ -36,19 +36,22 @@ def _request_body(engine: RemoteEngine, messages: list[dict], params: Generation
 
 
 def stream_remote(engine: RemoteEngine, messages: list[dict], params: GenerationParams,
-                  cancel: threading.Event) -> Iterator[Chunk]:
-    """Stream from `engine`; closing the connection on cancel stops the remote generation too."""
+                  cancel: threading.Event, name: str | None = None) -> Iterator[Chunk]:
+    """Stream from `engine`; closing the connection on cancel stops the remote generation too.
+
+    `name` is the engine's id in the catalog: errors name it, so a person knows which entry failed.
+    """
+    label = f"remote engine {name!r} ({engine.base_url})" if name else f"remote engine {engine.base_url}"
     headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
     timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
     started = time.perf_counter()
-    first_at, produced, usage, reason = None, 0, {}, None
+    first_at, produced, usage, reason, events = None, 0, {}, None, 0
     try:
         with httpx.Client(timeout=timeout) as client, client.stream(
                 "POST", f"{engine.base_url}/chat/completions", json=_request_body(engine, messages, params),
                 headers=headers) as response:
             if response.status_code >= 400:
-                raise RemoteError(f"remote engine {engine.base_url} answered {response.status_code}: "
-                                  f"{_error_text(response)}")
+                raise RemoteError(f"{label} answered {response.status_code}: {_error_text(response)}")
             for line in response.iter_lines():
                 if cancel.is_set():
                     reason = "cancelled"
@@ -58,9 +61,8 @@ def stream_remote(engine: RemoteEngine, messages: list[dict], params: Generation
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                event = json.loads(data)
-                if "error" in event:
-                    raise RemoteError(f"remote engine error: {event['error'].get('message', event['error'])}")
+                event = _parse_event(data, label)
+                events += 1
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or ""
@@ -69,8 +71,11 @@ def stream_remote(engine: RemoteEngine, messages: list[dict], params: Generation
                         produced += 1
                         first_at = first_at or time.perf_counter()
                         yield Chunk(text=text, completion_tokens=produced)
+            if not events and reason != "cancelled":  # e.g. a web page, or a server that ignored "stream"
+                kind = response.headers.get("content-type", "no content type")
+                raise RemoteError(f"{label} did not answer with an OpenAI event stream (it sent {kind})")
     except httpx.HTTPError as error:
-        raise RemoteError(f"remote engine {engine.base_url} is unreachable ({type(error).__name__}: {error})") from None
+        raise RemoteError(f"{label} is unreachable ({type(error).__name__}: {error})") from None
     finished = time.perf_counter()
     completion = usage.get("completion_tokens", produced)
     decode = finished - (first_at or finished)
@@ -78,6 +83,21 @@ def stream_remote(engine: RemoteEngine, messages: list[dict], params: Generation
                 finish_reason=reason or "stop",
                 timings={"ttft_s": (first_at or finished) - started, "total_s": finished - started,
                          "tokens_per_second": (completion - 1) / decode if completion > 1 and decode > 0 else 0.0})
+
+
+def _parse_event(data: str, label: str) -> dict:
+    """One server-sent event's JSON; a malformed one or an error event is the remote's failure."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise RemoteError(f"{label} sent an event that is not JSON: {data[:100]!r}") from None
+    if not isinstance(event, dict):
+        raise RemoteError(f"{label} sent an event that is not a JSON object: {data[:100]!r}")
+    if "error" in event:
+        error = event["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise RemoteError(f"{label} failed: {message}")
+    return event
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -6,6 +6,7 @@ owns per-request state (cancel events). It knows nothing of Gradio components or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -16,7 +17,7 @@ from typing import Iterator
 
 from models.catalog import Catalog, assemble_default_model, parse_remote_option
 from models.loader import LoadOptions
-from models.manager import ModelError, ModelManager
+from models.manager import ModelError, ModelManager, format_bytes
 from parsers import ParseError, ParseLimits, is_supported, supported_types
 from parsers.pool import ParsePool
 from sessions import SessionStore, assemble_context, session_documents
@@ -158,6 +159,7 @@ class ChatService:
         params, system_prompt = split_settings(merged, max_tokens_limit=self.config.max_tokens_limit)
         system_prompt = system_prompt if system_prompt is not None else session.get("system_prompt") or ""
         model_id = model_id or session.get("model_id") or self.config.default_model
+        self.manager.record(model_id)  # an unknown model fails before anything is stored or dropped
         if regenerate:
             message = self._drop_last_reply(owner, session_id)
         message = (message or "").strip()
@@ -190,20 +192,37 @@ class ChatService:
             self.store.add_message(owner, session_id, "user", message)
             if session.get("model_id") != model_id:
                 self.store.update(owner, session_id, model_id=model_id)
-            yield ChatUpdate(text="", report=assembled.report)
+            stream = self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id)
             text, last = "", Chunk()
-            for chunk in self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id):
-                text += chunk.text
-                last = chunk
-                if chunk.finish_reason is None:
-                    yield ChatUpdate(text=text, delta=chunk.text, report=assembled.report)
-        report = {**assembled.report, "prompt_tokens": last.prompt_tokens or assembled.report.get("prompt_tokens")}
+            try:
+                yield ChatUpdate(text="", report=assembled.report)
+                for chunk in stream:
+                    text += chunk.text
+                    last = chunk
+                    if chunk.finish_reason is None:
+                        yield ChatUpdate(text=text, delta=chunk.text, report=assembled.report)
+            except GeneratorExit:
+                # The caller went away (a closed tab, a dropped /v1 client): stop at once, keep what was written.
+                cancel.set()
+                stream.close()
+                try:
+                    self._store_reply(owner, session_id, model_id, text,
+                                      dataclasses.replace(last, finish_reason="cancelled"), assembled.report)
+                except KeyError:
+                    pass  # the session was deleted meanwhile
+                raise
+        report, stats = self._store_reply(owner, session_id, model_id, text, last, assembled.report)
+        yield ChatUpdate(text=text, delta=last.text, done=True, finish_reason=last.finish_reason,
+                         report=report, stats=stats)
+
+    def _store_reply(self, owner, session_id, model_id, text, last: Chunk, report: dict) -> tuple[dict, dict]:
+        """Store the assistant's reply with its context report and stats; return both."""
+        report = {**report, "prompt_tokens": last.prompt_tokens or report.get("prompt_tokens")}
         stats = {"completion_tokens": last.completion_tokens, "prompt_tokens": last.prompt_tokens,
                  "finish_reason": last.finish_reason, **{k: round(v, 3) for k, v in last.timings.items()}}
         self.store.add_message(owner, session_id, "assistant", text, model_id=model_id,
                                tokens=last.completion_tokens, context_report=report, stats=stats)
-        yield ChatUpdate(text=text, delta=last.text, done=True, finish_reason=last.finish_reason,
-                         report=report, stats=stats)
+        return report, stats
 
     def _drop_last_reply(self, owner: str, session_id: str) -> str:
         messages = self.store.messages(owner, session_id)
@@ -251,8 +270,8 @@ class ChatService:
                                "remove one first")
         size = source.stat().st_size
         if size > self.config.max_upload_bytes:
-            raise ServiceError(f"{name} is {size / 2**20:.1f} MB; the limit is "
-                               f"{self.config.max_upload_bytes / 2**20:.0f} MB")
+            raise ServiceError(f"{name} is {format_bytes(size)}; the limit is "
+                               f"{format_bytes(self.config.max_upload_bytes)}")
         target = self.store.safe_upload_path(owner, session_id, name)
         shutil.copyfile(source, target)
         record = self.store.add_file(owner, session_id, name, str(target))
