@@ -7,6 +7,7 @@ owns per-request state (cancel events). It knows nothing of Gradio components or
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import shutil
 import threading
@@ -160,8 +161,9 @@ class ChatService:
         system_prompt = system_prompt if system_prompt is not None else session.get("system_prompt") or ""
         model_id = model_id or session.get("model_id") or self.config.default_model
         self.manager.record(model_id)  # an unknown model fails before anything is stored or dropped
+        replace_from = None  # regenerate: the id of the last user message, dropped once the engine admits us
         if regenerate:
-            message = self._drop_last_reply(owner, session_id)
+            replace_from, message = self._last_user_message(owner, session_id)
         message = (message or "").strip()
         if not message:
             raise ServiceError("the message is empty")
@@ -170,14 +172,18 @@ class ChatService:
                                f"{self.config.max_prompt_chars:,}")
         cancel = self._new_cancel(session_id, cancel_event)
         try:
-            yield from self._chat_turn(owner, session, message, model_id, params, system_prompt, cancel)
+            yield from self._chat_turn(owner, session, message, model_id, params, system_prompt, cancel,
+                                       replace_from)
         finally:
             self._drop_cancel(session_id, cancel)
 
-    def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel):
+    def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None):
         session_id = session["id"]
+        messages = self.store.messages(owner, session_id)
+        if replace_from is not None:
+            messages = messages[:[m["id"] for m in messages].index(replace_from)]
         history = [{"role": m["role"], "content": m["content"], "id": m["id"]}
-                   for m in self.store.messages(owner, session_id) if m["role"] in ("user", "assistant")]
+                   for m in messages if m["role"] in ("user", "assistant")]
         documents = session_documents(self.store, owner, session_id)
         with self.manager.use(model_id) as lm:
             context = self.engine.context_limits(lm)
@@ -189,14 +195,19 @@ class ChatService:
                 )
             except ValueError as error:
                 raise ServiceError(str(error)) from error
+            stream = self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id)
+            # Admission (Busy) and prompt checks happen at the first chunk: take it before storing anything,
+            # so a refused request leaves the history exactly as it was.
+            first = next(stream, None)
+            if replace_from is not None:
+                self.store.delete_messages_from(owner, session_id, replace_from)
             self.store.add_message(owner, session_id, "user", message)
             if session.get("model_id") != model_id:
                 self.store.update(owner, session_id, model_id=model_id)
-            stream = self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id)
             text, last = "", Chunk()
             try:
                 yield ChatUpdate(text="", report=assembled.report)
-                for chunk in stream:
+                for chunk in itertools.chain([first] if first is not None else [], stream):
                     text += chunk.text
                     last = chunk
                     if chunk.finish_reason is None:
@@ -211,6 +222,14 @@ class ChatService:
                 except KeyError:
                     pass  # the session was deleted meanwhile
                 raise
+            except Exception:
+                # The generation failed part-way: store what it wrote, so the user turn is not left unanswered.
+                try:
+                    self._store_reply(owner, session_id, model_id, text,
+                                      dataclasses.replace(last, finish_reason="error"), assembled.report)
+                except KeyError:
+                    pass
+                raise
         report, stats = self._store_reply(owner, session_id, model_id, text, last, assembled.report)
         yield ChatUpdate(text=text, delta=last.text, done=True, finish_reason=last.finish_reason,
                          report=report, stats=stats)
@@ -224,14 +243,22 @@ class ChatService:
                                tokens=last.completion_tokens, context_report=report, stats=stats)
         return report, stats
 
-    def _drop_last_reply(self, owner: str, session_id: str) -> str:
-        messages = self.store.messages(owner, session_id)
-        users = [m for m in messages if m["role"] == "user"]
+    def _last_user_message(self, owner: str, session_id: str) -> tuple[str, str]:
+        """(id, content) of the last user message: what a regenerate answers again."""
+        users = [m for m in self.store.messages(owner, session_id) if m["role"] == "user"]
         if not users:
             raise ServiceError("there is no message to regenerate a reply for")
-        last_user = users[-1]
-        self.store.delete_messages_from(owner, session_id, last_user["id"])
-        return last_user["content"]
+        return users[-1]["id"], users[-1]["content"]
+
+    def last_reply(self, owner: str, session_id: str) -> dict:
+        """The last reply's context report (what went into the prompt, what was left out) and stats."""
+        replies = [m for m in self.store.messages(owner, _required(session_id, "session_id"))
+                   if m["role"] == "assistant"]
+        if not replies:
+            return {"context_report": None, "stats": None, "model_id": None}
+        last = replies[-1]
+        return {"context_report": last.get("context_report"), "stats": last.get("stats"),
+                "model_id": last.get("model_id")}
 
     def stop(self, owner: str, session_id: str) -> dict:
         """Stop the session's running generation, if any; the forward loop ends within one token."""
@@ -273,8 +300,14 @@ class ChatService:
             raise ServiceError(f"{name} is {format_bytes(size)}; the limit is "
                                f"{format_bytes(self.config.max_upload_bytes)}")
         target = self.store.safe_upload_path(owner, session_id, name)
-        shutil.copyfile(source, target)
-        record = self.store.add_file(owner, session_id, name, str(target))
+        try:
+            shutil.copyfile(source, target)
+            # the limit again, under the store's lock: concurrent uploads all passed the check above
+            record = self.store.add_file(owner, session_id, name, str(target),
+                                         max_files=self.config.max_files_per_session)
+        except BaseException:
+            target.unlink(missing_ok=True)  # refused or failed: leave no unlisted bytes behind
+            raise
         future = self.parse_pool.submit(target, name=name)
         future.add_done_callback(lambda f: self._parsed(owner, session_id, record["id"], target, f))
         return record
@@ -301,7 +334,8 @@ class ChatService:
             pass  # the file or its session was removed while it parsed
 
     def _count_tokens_approx(self, text: str) -> int:
-        """Tokens with the default model's tokenizer when loaded; else about four characters a token."""
+        """About four characters a token: the file list's estimate. Prompts are counted exactly, with the
+        model's own tokenizer, when they are assembled."""
         return self.engine.approx_tokens(text)
 
     def list_files(self, owner: str, session_id: str) -> list[dict]:

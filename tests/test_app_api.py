@@ -450,3 +450,14 @@ def test_each_user_sees_only_their_own_sessions(auth_app, alice, bob, tmp_path):
     assert next(s for s in bob.predict(api_name="/list_sessions") if s["id"] == theirs["id"])["title"] == "Bob's chat"
     assert auth_app.service.store.owner_of(theirs["id"]) == "bob"
     assert auth_app.service.store.owner_of(mine["id"]) == "alice"
+
+
+def test_last_reply_carries_the_context_report(client, session):
+    sid = session["id"]
+    assert client.predict(sid, api_name="/last_reply")["context_report"] is None
+    chat_outputs(client, sid, "Tell me something.")
+    last = client.predict(sid, api_name="/last_reply")
+    report = last["context_report"]
+    assert report["prompt_tokens"] > 0 and report["context_limit"] >= report["prompt_tokens"]
+    assert {"dropped_turns", "files_included", "files_partial", "files_left_out"} <= set(report)
+    assert last["stats"]["completion_tokens"] >= 1 and last["model_id"]
