@@ -27,7 +27,7 @@ from sessions.export import export_json, export_markdown, import_json
 
 log = logging.getLogger("app")
 
-STREAM_INTERVAL_S = 0.06  # UI updates at most ~16 per second, so the browser keeps up
+STREAM_INTERVAL_S = 0.1  # UI updates at most 10 per second: each one re-renders the whole reply
 CSS = """
 .gradio-container {--font: ui-sans-serif, system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue",
                    "Noto Sans", "Liberation Sans", Arial, sans-serif}
@@ -42,6 +42,9 @@ footer {display: none !important}
 #remove-row, #manage-row {align-items: flex-end}
 #files-table, #models-table {--font-mono: var(--font); --input-text-size: var(--text-sm)}
 #confirm-delete-box {gap: var(--spacing-md)}
+#stop-btn, #confirm-delete {background: #dc2626; border-color: #dc2626; color: white}
+#stop-btn:hover, #confirm-delete:hover {background: #b91c1c}
+#delete-btn {color: #b91c1c}
 .hint {font-size: 0.85em; opacity: 0.75}
 @media (max-width: 768px) {
   #chatbot {height: 60dvh !important}
@@ -166,9 +169,13 @@ def register_api(service: ChatService) -> None:
     def remove_file(session_id: str, file_id: str, request: gr.Request) -> dict:
         return service.remove_file(owner_of(request), session_id, file_id)
 
+    @friendly
+    def last_reply(session_id: str, request: gr.Request) -> dict:
+        return service.last_reply(owner_of(request), session_id)
+
     chat_limit = service.config.max_concurrent_generations
     for fn in (list_models, load_model, unload_model, new_session, list_sessions, rename_session, delete_session,
-               history, stop, upload_file, list_files, remove_file):
+               history, stop, upload_file, list_files, remove_file, last_reply):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
     gr.api(chat, api_name="chat", concurrency_limit=chat_limit, concurrency_id="generation")
 
@@ -180,13 +187,27 @@ def _upload_path_and_name(file) -> tuple[str, str]:
         path, name = str(file), None
     else:
         path, name = getattr(file, "path", None), getattr(file, "orig_name", None)
-    if not path or not Path(path).is_file():
-        raise ServiceError("no file was received")
+    if not path or not _in_upload_folder(path):
+        # Only what Gradio's upload route wrote: a client names the path, and it may name any file on the server.
+        raise ServiceError("no uploaded file was received; upload the file first (gradio_client's handle_file)")
     return path, name or Path(path).name
+
+
+def _in_upload_folder(path) -> bool:
+    """True for a file inside Gradio's upload folder (where its upload route puts what clients send)."""
+    from gradio.utils import get_upload_folder
+
+    try:
+        resolved = Path(path).resolve()
+        return resolved.is_relative_to(Path(get_upload_folder()).resolve()) and resolved.is_file()
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def _discard_gradio_copy(path: str) -> None:
     """Gradio keeps uploads in its cache, served by its file route: ours live in the session folder."""
+    if not _in_upload_folder(path):  # never remove a file that Gradio's upload route did not write
+        return
     try:
         Path(path).unlink(missing_ok=True)
     except OSError:
@@ -338,6 +359,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
         ui.poll = gr.Timer(1.5)
         _wire_sessions(demo, ui, service)
         _wire_chat(ui, service)
+        _wire_settings(ui, service)
         _wire_files(ui, service)
         _wire_models(ui, service)
         _wire_export(ui, service)
@@ -421,7 +443,7 @@ def _models_tab(ui, service: ChatService) -> None:
         ui.memory = gr.Markdown(memory_line(service), elem_id="memory-line")
         ui.models = gr.Dataframe(headers=MODEL_HEADERS, interactive=False, elem_id="models-table", wrap=True,
                                  value=models_table(service), buttons=[], show_label=False,
-                                 column_widths=["36%", "22%", "22%", "20%"])
+                                 column_widths=["31%", "25%", "22%", "22%"])
         ui.manage_dd = gr.Dropdown(label="Model to load or unload", choices=[m[1] for m in model_choices(service)],
                                    elem_id="manage-dd")
         with gr.Row(elem_id="manage-row"):
@@ -577,9 +599,12 @@ def _wire_chat(ui, service: ChatService) -> None:
 
     ui.clear_btn.click(on_clear, [ui.current], [ui.chatbot, ui.stats], **PRIVATE)
 
-    # the model for this session, loaded at once with a progress bar
+
+# --- this chat's model and settings ---
+def _wire_settings(ui, service: ChatService) -> None:
     @friendly
     def on_model(session_id, model_id, request: gr.Request, progress=gr.Progress()):
+        """Picking a model makes it this chat's model and loads it now, with a progress bar."""
         if not model_id:
             return gr.update(), ""
         service.update_session(owner_of(request), session_id, model_id=model_id)
@@ -727,9 +752,14 @@ def create_app(service: ChatService):
     config = service.config
     app = FastAPI(title="Local LLM", docs_url=None, redoc_url=None)
     app.include_router(create_router(service, config.api_key))
-    return gr.mount_gradio_app(app, queued_ui(service), path="", auth=config.auth or None, css=CSS,
-                               theme=gr.themes.Soft(), show_error=True, max_file_size=config.max_upload_bytes,
-                               footer_links=["api"])
+    demo = queued_ui(service)
+    app = gr.mount_gradio_app(app, demo, path="", auth=config.auth or None, css=CSS,
+                              theme=gr.themes.Soft(), show_error=True, max_file_size=config.max_upload_bytes,
+                              footer_links=["api"])
+    # Gradio checks that a file input names a file its upload route wrote (not any path on the server) only
+    # once the app "has launched"; launch() sets that, mount_gradio_app does not. Set it as launch() would.
+    demo.has_launched = True
+    return app
 
 
 def serve_shared(service: ChatService) -> None:
