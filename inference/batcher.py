@@ -174,7 +174,7 @@ class BatchScheduler:
                 rest = request.prompt_ids[reused:]
                 ids = torch.tensor([rest], dtype=torch.long, device=self.lm.device)
                 positions = torch.arange(reused, reused + len(rest), device=self.lm.device).unsqueeze(0)
-                out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True,
+                out = model(input_ids=ids, cache=cache, position_ids=positions, use_cache=True,
                             logits_to_keep=1)
                 request.reused = reused
                 request.fed = list(request.prompt_ids)
@@ -194,7 +194,7 @@ class BatchScheduler:
         mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=device)], dim=1)
         with torch.inference_mode():
             out = self.lm.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                                cache=batch.cache, use_cache=True, logits_to_keep=1)
         batch = kv.Batch(batch.cache, mask)
         self.steps += 1
         keep = []

@@ -128,7 +128,7 @@ def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
-            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
             history = torch.tensor(produced, dtype=torch.long) if params.repetition_penalty != 1.0 else None
             token = sample_next(out.logits[0, -1].to("cpu"), params, generator, history)
             if first_token_at is None:

@@ -291,7 +291,7 @@ class ChatService:
         source = Path(source)
         name = name or source.name
         if not is_supported(name):
-            raise ServiceError(f"{name}: unsupported file type; supported: {', '.join(supported_types())}")
+            raise ServiceError(f"{name}: unsupported file type. {describe_supported()}")
         if len(self.store.list_files(owner, session_id)) >= self.config.max_files_per_session:
             raise ServiceError(f"this session already has {self.config.max_files_per_session} files; "
                                "remove one first")
@@ -353,6 +353,14 @@ class ChatService:
             raise ServiceError("model is required")
         with self.manager.use(model_id) as lm:
             yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event())
+
+
+def describe_supported(shown: int = 16) -> str:
+    """A short list of the file types we read, for error messages."""
+    types = supported_types()
+    common = [t for t in (".pdf", ".docx", ".txt", ".md", ".csv", ".json", ".py", ".js", ".ts", ".java", ".c",
+                          ".cpp", ".rs", ".go", ".html", "Dockerfile") if t in types][:shown]
+    return f"Supported: {', '.join(common)} and {len(types) - len(common)} more text and code types."
 
 
 def _required(value, name: str) -> str:
