@@ -9,6 +9,7 @@ file name is only a display label); parsed text lives in
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from .errors import FileNotFound
 from .names import display_file_name, is_valid_id, new_id, safe_extension
 from .storage import atomic_write_bytes
 
+log = logging.getLogger(__name__)
+
 INTERRUPTED = "Interrupted by a restart; upload the file again."
+
+
+class TooManyFiles(ValueError):
+    """The session already holds the most files it may."""
 
 
 class FileMethods:
@@ -37,12 +44,15 @@ class FileMethods:
         """A fresh random path inside ``files_dir`` keeping a sanitized extension."""
         return self.files_dir(owner, sid) / (new_id() + safe_extension(original_name))
 
-    def add_file(self, owner: str, sid: str, name: str, stored_path: str) -> dict:
+    def add_file(self, owner: str, sid: str, name: str, stored_path: str,
+                 max_files: int | None = None) -> dict:
         """Record an upload in state "parsing".
 
         ``name`` is a display label only. ``stored_path`` should come from
         :meth:`safe_upload_path`; a file elsewhere (e.g. Gradio's temp dir) is
         copied in, so the store owns and can delete every byte it lists.
+        With ``max_files``, a session that already holds that many files is
+        refused (checked under the lock, so concurrent uploads cannot overshoot).
         """
         folder = self.files_dir(owner, sid)
         stored = Path(stored_path)
@@ -55,12 +65,15 @@ class FileMethods:
         with self._lock:
             try:
                 rec = self._require(owner, sid)  # it may have been deleted during the copy
-            except KeyError:
+                db = self._session_db(sid, create=True)
+                if max_files is not None and len(db.table("files")) >= max_files:
+                    raise TooManyFiles(f"this session already has {max_files} files; remove one first")
+            except (KeyError, TooManyFiles):
                 if copied is not None:
                     copied.unlink(missing_ok=True)
                 raise
             doc = records.new_file(new_id(), display_file_name(name), stored.name, self._now())
-            self._session_db(sid, create=True).table("files").insert(doc)
+            db.table("files").insert(doc)
             self._touch(rec, when=doc["created_at"])
             return records.public_file(doc)
 
@@ -116,7 +129,11 @@ class FileMethods:
             self._parsed_path(sid, fid).unlink(missing_ok=True)
 
     def mark_interrupted_uploads(self) -> int:
-        """At start: uploads a crash left in "parsing" become "error"; return how many."""
+        """At start: uploads a crash left in "parsing" become "error"; return how many.
+
+        Bytes a crash left without a record (killed between the copy and the record) and
+        half-written parsed text are removed: the store lists every byte it keeps.
+        """
         count = 0
         with self._lock:
             for rec in self._sessions.all():
@@ -126,7 +143,17 @@ class FileMethods:
                 if db is not None:
                     count += len(db.table("files").update(
                         {"state": "error", "error": INTERRUPTED}, where("state") == "parsing"))
+                self._remove_unlisted(rec["id"], db.table("files").all() if db is not None else [])
         return count
+
+    def _remove_unlisted(self, sid: str, docs: list) -> None:
+        """Delete upload bytes and parsed text that no file record refers to."""
+        keep = {d["stored_name"] for d in docs} | {f"{d['id']}.json" for d in docs if d["state"] == "ready"}
+        for folder in (self._session_dir(sid) / "files", self._session_dir(sid) / "parsed"):
+            for path in folder.iterdir() if folder.is_dir() else []:
+                if path.is_file() and path.name not in keep:
+                    log.warning("removing %s: an upload interrupted by a restart", path)
+                    path.unlink(missing_ok=True)
 
     # --- internals ------------------------------------------------------
 
