@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from app_harness import running_app
+from app_harness import counted_forwards, running_app
 from browser_harness import (MODEL_ID, browser_app_config, find_chromium, launch_chromium,
                              leave_a_core_for_the_browser)
 
@@ -189,10 +189,12 @@ def test_reply_streams_into_the_page(page, running):
     session_id = open_chat(page, running, "Streaming", temperature=0, max_tokens=100)
     shoot(page, "laptop-empty-chat")
     page.evaluate(RECORD_REPLY_LENGTHS)
-    send(page, LONG_PROMPT)
-    expect(page.locator("#stop-btn")).to_be_visible()
-    expect(page.locator("#send-btn")).to_be_hidden()
-    wait_reply_done(page)
+    # A tiny model can finish 100 tokens before the page's first update: pace it like a real one.
+    with counted_forwards(running.service, MODEL_ID, delay_s=0.04):
+        send(page, LONG_PROMPT)
+        expect(page.locator("#stop-btn")).to_be_visible()
+        expect(page.locator("#send-btn")).to_be_hidden()
+        wait_reply_done(page)
     shoot(page, "laptop-replied")
 
     lengths = page.evaluate("() => { window.replyObserver.disconnect(); return window.replyLengths; }")
