@@ -18,8 +18,10 @@ from typing import Iterator
 
 import gradio as gr
 from gradio import FileData
+from gradio.route_utils import FnIndexInferError
 
 from inference.config import AppConfig, config_from_args
+from inference.http_limits import BodySizeLimit
 from inference.service import ChatService, ServiceError
 from models.manager import format_bytes
 from sessions import LOCAL_USER
@@ -57,10 +59,15 @@ footer {display: none !important}
 
 
 # ----- errors -----------------------------------------------------------------------------------
+MAX_ERROR_CHARS = 500  # messages quote what was sent (an id, a name): never echo a huge argument back whole
+
+
 def _message(error: Exception) -> str:
     if isinstance(error, KeyError):  # SessionNotFound & co. carry their message as args[0]
-        return str(error.args[0]) if error.args else "not found"
-    return str(error) or type(error).__name__
+        text = str(error.args[0]) if error.args else "not found"
+    else:
+        text = str(error) or type(error).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "…"
 
 
 _EXPECTED = (ServiceError, ValueError, KeyError, RuntimeError, OSError)
@@ -433,7 +440,7 @@ def _settings_tab(ui, config: AppConfig) -> None:
         ui.temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature",
                                    info="0 = always the most likely word; higher = more varied")
         ui.top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top p", elem_id="top-p")
-        ui.max_tokens = gr.Slider(16, config.max_tokens_limit, value=min(512, config.max_tokens_limit), step=16,
+        ui.max_tokens = gr.Slider(1, max(2, config.max_tokens_limit), value=min(512, config.max_tokens_limit), step=1,
                                   label="Max tokens", elem_id="max-tokens", info="longest reply")
         ui.save_btn = gr.Button("Save settings", variant="primary", size="sm", elem_id="save-settings")
 
@@ -750,6 +757,7 @@ def create_app(service: ChatService):
     from inference.openai_api import create_router
 
     config = service.config
+    _no_telemetry()
     app = FastAPI(title="Local LLM", docs_url=None, redoc_url=None)
     app.include_router(create_router(service, config.api_key))
     demo = queued_ui(service)
@@ -759,7 +767,22 @@ def create_app(service: ChatService):
     # Gradio checks that a file input names a file its upload route wrote (not any path on the server) only
     # once the app "has launched"; launch() sets that, mount_gradio_app does not. Set it as launch() would.
     demo.has_launched = True
+    for gradio_app in mounted_gradio_apps(app):  # an unknown api_name is a 404, not an internal server error
+        gradio_app.add_exception_handler(FnIndexInferError, _unknown_endpoint)
+    # Every request body is bounded (the largest is an upload): a huge POST is refused (413), not read into memory.
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 2**20)
     return app
+
+
+def _no_telemetry() -> None:
+    """A local app makes no calls home: Gradio's analytics and version check stay off unless asked for."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def _unknown_endpoint(request, error):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": f"{str(error)[:200]}; see /gradio_api/info for the endpoints"}, status_code=404)
 
 
 def serve_shared(service: ChatService) -> None:
@@ -784,6 +807,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(argv)
+    _no_telemetry()
     service = ChatService(config)
     service.start()
     if config.share:

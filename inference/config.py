@@ -35,6 +35,8 @@ def parse_auth(text: str) -> tuple[str, str]:
     user, sep, password = str(text).partition(":")
     if not sep or not user or not password:
         raise argparse.ArgumentTypeError("--auth wants USER:PASS")
+    if user == "local":  # the owner of every session without --auth, and the user /v1 acts for without a key
+        raise argparse.ArgumentTypeError("--auth: the user name 'local' is reserved; pick another")
     return user, password
 
 
@@ -135,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generations waiting for a slot before 'busy' answers (/v1: 429); the UI and the "
                              "Gradio API wait in Gradio's queue, which shows their place")
     parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    parser.add_argument("--max-prompt-chars", type=int, default=100_000,
+                        help="longest message (UI, Gradio API) or whole conversation (/v1) a request may send")
     parser.add_argument("--max-upload", type=parse_size, default="50MB", help="largest uploaded file")
     parser.add_argument("--max-files", type=int, default=50, help="files per session")
     parser.add_argument("--parse-timeout", type=parse_duration, default="120s", help="time limit to parse one file")
@@ -157,6 +161,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         idle_unload_s=args.idle_unload, auth=list(args.auth), api_key=args.api_key or None, share=args.share,
         remotes=list(args.remote), preload=args.preload, max_concurrent_generations=max(1, args.max_concurrent),
         max_queue=max(0, args.max_queue), max_tokens_limit=max(1, args.max_tokens_limit),
+        max_prompt_chars=max(1, args.max_prompt_chars),
         max_upload_bytes=args.max_upload, max_files_per_session=max(1, args.max_files),
         parse_timeout_s=args.parse_timeout or 120.0, max_context=max(256, args.max_context),
         batching=args.batching, prefix_cache=args.prefix_cache,

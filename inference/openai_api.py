@@ -28,6 +28,7 @@ from .params import GenerationParams, InvalidParams
 
 log = logging.getLogger(__name__)
 
+MAX_ERROR_CHARS = 500
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
 _SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
@@ -41,6 +42,8 @@ _IGNORED_FIELDS = {"n", "user", "stream_options", "frequency_penalty", "presence
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
+        if len(message) > MAX_ERROR_CHARS:  # messages quote what was sent: never echo a huge value back whole
+            message = message[:MAX_ERROR_CHARS] + "…"
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
@@ -86,6 +89,7 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             check_key(request)
             body = await _read_json(request)
             model_id, messages, params, stream = _parse_request(body, service.config.max_tokens_limit)
+            _check_length(messages, service.config.max_prompt_chars)
             include_usage = _include_usage(body)
             session_id = request.headers.get("x-session-id")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
@@ -114,6 +118,8 @@ async def _read_json(request: Request) -> dict:
         body = json.loads(await request.body() or b"null")
     except (ValueError, UnicodeDecodeError) as error:
         raise APIError(400, f"The request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object")
     return body
@@ -133,8 +139,11 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
                            param=f"messages[{index}].role")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content
-                              if isinstance(part, dict) and part.get("type") == "text")
+            texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+            if not all(isinstance(text, str) for text in texts):
+                raise APIError(400, f"messages[{index}].content: each text part needs a string 'text'",
+                               param=f"messages[{index}].content")
+            content = "".join(texts)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{index}].content must be a string", param=f"messages[{index}].content")
         role = "system" if message["role"] == "developer" else message["role"]
@@ -156,6 +165,13 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", param="stream")
     return model_id, clean, params, stream
+
+
+def _check_length(messages: list[dict], max_chars: int) -> None:
+    """The same limit on prompt length as the chat UI's: refused before any tokenizing."""
+    total = sum(len(m["content"]) for m in messages)
+    if total > max_chars:
+        raise APIError(400, f"the messages are {total:,} characters; the limit is {max_chars:,}", param="messages")
 
 
 def _include_usage(body: dict) -> bool:

@@ -156,6 +156,9 @@ class ChatService:
         again (`message` is then ignored).
         """
         session = self.store.get(owner, _required(session_id, "session_id"))
+        for name, value in (("message", message), ("model_id", model_id)):
+            if value is not None and not isinstance(value, str):  # the Gradio API passes JSON values through
+                raise ServiceError(f"{name} must be text, not {type(value).__name__}")
         merged = {**(session.get("settings") or {}), **parse_settings(settings)}
         params, system_prompt = split_settings(merged, max_tokens_limit=self.config.max_tokens_limit)
         system_prompt = system_prompt if system_prompt is not None else session.get("system_prompt") or ""

@@ -100,8 +100,15 @@ class ModelManager:
 
     # ----- records -------------------------------------------------------------------------
     def records(self) -> list[dict]:
-        """Every catalog model, loaded or not, as API.md's model record."""
-        return [self._record(self._entry(spec.id, spec)) for spec in self.catalog.specs()]
+        """Every catalog model, loaded or not, as API.md's model record.
+
+        A model whose file was removed while loaded stays listed (it still holds memory) until unloaded.
+        """
+        specs = self.catalog.specs()
+        listed = {spec.id for spec in specs}
+        with self._lock:
+            orphans = [e for e in self._entries.values() if e.spec.id not in listed and e.loaded is not None]
+        return [self._record(self._entry(spec.id, spec)) for spec in specs] + [self._record(e) for e in orphans]
 
     def record(self, model_id: str) -> dict:
         return self._record(self._entry(model_id))
@@ -117,6 +124,8 @@ class ModelManager:
             if state == "unloaded" and info["file_error"]:
                 state, error = "error", info["file_error"]
             loaded = entry.loaded
+            if loaded is not None and entry.spec.path is not None and not info["on_disk"]:
+                error = f"{entry.spec.path.name} was removed from disk; the model stays loaded until unloaded"
             record = {
                 "id": entry.spec.id, "name": entry.spec.name, "state": state,
                 "architecture": info["architecture"], "quantization": info["quantization"],
