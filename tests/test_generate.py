@@ -18,14 +18,6 @@ GREEDY = GenerationParams(max_tokens=16, temperature=0.0)
 UNICODE_TEXT = "Café au lait, naïve résumé ✓ done 🎉🚀 ok 👍🏽 end — “quoted” 中文\n\tnext line"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared 2-core box its spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def models(tiny_models, model_cache):

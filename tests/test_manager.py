@@ -9,7 +9,6 @@ import time
 
 import psutil
 import pytest
-import torch
 
 from gguf_factory import write_tiny_gguf
 from inference.generate import stream_generate
@@ -24,14 +23,6 @@ RECORD_FIELDS = {"id", "name", "state", "architecture", "quantization", "file_si
 IDS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2", "gemma3": "tiny-gemma3"}
 GREEDY = GenerationParams(max_tokens=12, temperature=0.0)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared 2-core box its spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gguf_factory import write_tiny_gguf
 from models.loader import LoadOptions, load_model
@@ -42,14 +41,6 @@ OWN_TEMPLATE = (
     "{% if add_generation_prompt %}### ASSISTANT:{% endif %}"
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared 2-core box its spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
