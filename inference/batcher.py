@@ -1,6 +1,11 @@
 """Continuous batching: one decode loop per loaded model runs every active request's next token in a
-single forward pass. Requests join between steps (their prompts prefilled, reusing a session's cached
-prefix when it matches) and leave when done, each streaming its own chunks and stoppable alone.
+single forward pass. Requests join between steps and leave when done, each streaming its own chunks
+and stoppable alone.
+
+Prompts are prefilled between decode steps, at most `prefill_chunk` tokens of work per step, so a
+long prompt never stalls the rows that are already streaming: short new prompts are prefilled
+together in one left-padded forward, a long one (or the rest of a prompt after a session's cached
+prefix) chunk by chunk on its own cache.
 """
 
 from __future__ import annotations
@@ -89,18 +94,34 @@ class _Request:
     done: bool = False
 
 
+@dataclass
+class _Prefill:
+    """A request whose prompt is being fed: `done` of its tokens are in `cache` (None before the first)."""
+
+    request: _Request
+    cache: object | None = None
+    done: int = 0
+    logits: torch.Tensor | None = None  # the last position's, once the whole prompt is in
+
+    @property
+    def remaining(self) -> int:
+        return len(self.request.prompt_ids) - self.done
+
+
 class BatchScheduler:
     """The decode loop of one loaded model. Its thread runs while there is work and exits when idle."""
 
-    def __init__(self, lm, max_batch: int = 8, prefix_cache_bytes: int = 256 * 2**20):
+    def __init__(self, lm, max_batch: int = 8, prefix_cache_bytes: int = 256 * 2**20, prefill_chunk: int = 512):
         self.lm = lm
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk  # prompt tokens fed between two decode steps, at most
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._pending: list[_Request] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._running = False
-        self.steps = 0
+        self.steps = 0  # batched decode forwards
+        self.prefills = 0  # prefill forwards (a group of prompts, or one chunk of one prompt)
 
     # ----- the caller's side -----------------------------------------------------------------
     def stream(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
@@ -142,49 +163,123 @@ class BatchScheduler:
     def _loop(self) -> None:
         batch: kv.Batch | None = None
         rows: list[_Request] = []
+        feeding: list[_Prefill] = []
         try:
             while True:
                 with self._lock:
-                    pending, self._pending = self._pending[: self.max_batch - len(rows)], \
-                        self._pending[self.max_batch - len(rows):]
-                    if not pending and not rows:
+                    room = self.max_batch - len(rows) - len(feeding)
+                    taken, self._pending = self._pending[:room], self._pending[room:]
+                    if not taken and not rows and not feeding:
                         self._running = False
                         return
-                if pending:
-                    batch, rows = self._admit(batch, rows, pending)
+                feeding += [self._start_prefill(request) for request in taken if not self._dropped(request)]
+                feeding = [item for item in feeding if not self._dropped(item.request)]
+                if feeding:
+                    batch, rows, feeding = self._prefill_some(batch, rows, feeding)
                 if rows:
                     batch, rows = self._step(batch, rows)
         except BaseException as error:  # a failing step must not leave callers waiting forever
             with self._lock:
-                orphans, self._pending, self._running = rows + self._pending, [], False
+                orphans = rows + [item.request for item in feeding] + self._pending
+                self._pending, self._running = [], False
             for request in orphans:
                 if not request.done:
                     request.out.put(error)
 
-    def _admit(self, batch, rows, pending):
-        model = self.lm.model
+    def _dropped(self, request: _Request) -> bool:
+        if request.cancel.is_set():
+            self._finish(request, "cancelled")
+            return True
+        return False
+
+    def _start_prefill(self, request: _Request) -> _Prefill:
+        """Pick up the session's cached prefix when the prompt starts with it."""
+        if not (self.prefix and request.session_key):
+            return _Prefill(request)
+        reused, layers = self.prefix.take(request.session_key, request.prompt_ids)
+        request.reused = reused
+        return _Prefill(request, kv.cache_from_layers(layers), reused) if layers else _Prefill(request)
+
+    def _prefill_some(self, batch, rows, feeding: list[_Prefill]):
+        """About `prefill_chunk` tokens of prompt work: new short prompts together, else one chunk."""
+        group = self._fresh_group(feeding)
+        if group:
+            batch, rows = self._prefill_together(batch, rows, group)
+            return batch, rows, [item for item in feeding if item not in group]
+        item = feeding[0]
+        if self._prefill_chunk(item):
+            batch, rows = self._admit_single(batch, rows, item)
+            return batch, rows, feeding[1:]
+        return batch, rows, feeding
+
+    def _fresh_group(self, feeding: list[_Prefill]) -> list[_Prefill]:
+        """Prompts with nothing cached that fit one left-padded forward of at most `prefill_chunk`
+        tokens, shortest first. Padding costs compute, a second forward costs a pass over the
+        weights: padding may waste up to half the real tokens, or 64 tokens, whichever is more."""
+        fresh = sorted((item for item in feeding if item.done == 0 and item.remaining <= self.prefill_chunk),
+                       key=lambda item: item.remaining)
+        group: list[_Prefill] = []
+        real = 0
+        for item in fresh:
+            padded = (len(group) + 1) * item.remaining  # sorted: this one is the longest so far
+            waste = padded - real - item.remaining
+            if group and (padded > self.prefill_chunk or waste > max((real + item.remaining) / 2, 64)):
+                break
+            group.append(item)
+            real += item.remaining
+        return group
+
+    def _prefill_together(self, batch, rows, group: list[_Prefill]):
+        device = self.lm.device
+        length = max(item.remaining for item in group)
+        ids = torch.zeros(len(group), length, dtype=torch.long, device=device)
+        mask = torch.zeros(len(group), length, dtype=torch.long, device=device)
+        for row, item in enumerate(group):
+            prompt = item.request.prompt_ids
+            ids[row, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, length - len(prompt):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = kv.new_cache()
         with torch.inference_mode():
-            for request in pending:
-                if request.cancel.is_set():
-                    self._finish(request, "cancelled")
-                    continue
-                reused, layers = (self.prefix.take(request.session_key, request.prompt_ids)
-                                  if self.prefix and request.session_key else (0, None))
-                cache = kv.cache_from_layers(layers) if layers else kv.new_cache()
-                rest = request.prompt_ids[reused:]
-                ids = torch.tensor([rest], dtype=torch.long, device=self.lm.device)
-                positions = torch.arange(reused, reused + len(rest), device=self.lm.device).unsqueeze(0)
-                out = model(input_ids=ids, cache=cache, position_ids=positions, use_cache=True,
-                            logits_to_keep=1)
-                request.reused = reused
-                request.fed = list(request.prompt_ids)
-                mask = torch.ones(1, len(request.prompt_ids), dtype=torch.long, device=self.lm.device)
-                if self._emit(request, out.logits[0, -1]):
-                    self._retire_single(request, kv.Batch(cache, mask))
-                    continue
-                batch = kv.join(batch, kv.Batch(cache, mask))
-                rows = rows + [request]
-        return batch, rows
+            out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                use_cache=True, logits_to_keep=1)
+            fed = kv.zero_padding(kv.Batch(cache, mask))
+        self.prefills += 1
+        keep = []
+        for row, item in enumerate(group):
+            item.request.fed = list(item.request.prompt_ids)
+            if self._emit(item.request, out.logits[row, -1]):
+                self._remember(item.request, fed, row)
+            else:
+                keep.append(row)
+        if not keep:
+            return batch, rows
+        return kv.join(batch, kv.select(fed, keep)), rows + [group[row].request for row in keep]
+
+    def _prefill_chunk(self, item: _Prefill) -> bool:
+        """Feed the next chunk of one prompt on its own cache; True once the whole prompt is in."""
+        prompt = item.request.prompt_ids
+        end = min(len(prompt), item.done + self.prefill_chunk)
+        device = self.lm.device
+        ids = torch.tensor([prompt[item.done:end]], dtype=torch.long, device=device)
+        positions = torch.arange(item.done, end, device=device).unsqueeze(0)
+        item.cache = item.cache if item.cache is not None else kv.new_cache()
+        with torch.inference_mode():
+            item.logits = self.lm.model(input_ids=ids, cache=item.cache, position_ids=positions, use_cache=True,
+                                        logits_to_keep=1).logits[0, -1]
+        self.prefills += 1
+        item.done = end
+        return end == len(prompt)
+
+    def _admit_single(self, batch, rows, item: _Prefill):
+        request = item.request
+        request.fed = list(request.prompt_ids)
+        single = kv.Batch(item.cache, torch.ones(1, len(request.prompt_ids), dtype=torch.long,
+                                                 device=self.lm.device))
+        if self._emit(request, item.logits):
+            self._remember(request, single, 0)
+            return batch, rows
+        return kv.join(batch, single), rows + [request]
 
     def _step(self, batch: kv.Batch, rows: list[_Request]):
         """One forward for every row's last token; retire rows that finished."""
@@ -253,6 +348,3 @@ class BatchScheduler:
     def _remember(self, request: _Request, batch: kv.Batch, row: int) -> None:
         if self.prefix and request.session_key:
             self.prefix.put(request.session_key, request.fed, kv.row_layers(batch, row))
-
-    def _retire_single(self, request: _Request, batch: kv.Batch) -> None:
-        self._remember(request, batch, 0)

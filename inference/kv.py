@@ -67,6 +67,21 @@ def join(batch: Batch | None, other: Batch) -> Batch:
     return Batch(cache_from_layers(layers), mask)
 
 
+def zero_padding(batch: Batch) -> Batch:
+    """Zero the keys and values a left-padded prefill computed for its padding.
+
+    Padding is masked out of attention, but a padded query sees no key at all, and what it leaves
+    behind may be NaN; masked weights times NaN values would still poison the real rows.
+    """
+    if bool(batch.mask.all()):
+        return batch
+    pad = (batch.mask == 0)[:, None, :, None]
+    for keys, values in cache_layers(batch.cache):
+        keys.masked_fill_(pad, 0)
+        values.masked_fill_(pad, 0)
+    return batch
+
+
 def select(batch: Batch, keep: list[int]) -> Batch | None:
     """Only the rows `keep`, with columns that are padding in every remaining row trimmed."""
     if not keep:

@@ -72,6 +72,70 @@ def test_rows_join_and_leave_mid_flight(lm):
     assert results == expected
 
 
+def queue_then_run(scheduler, lm, prompts, params=GREEDY):
+    """Queue every prompt before the decode loop starts, so the loop sees them all at once."""
+    scheduler._running = True  # holds back the loop thread that the first stream() would start
+    results, threads = {}, []
+    for prompt in prompts:
+        def run(prompt=prompt):
+            results[prompt] = "".join(c.text for c in scheduler.stream(lm.encode(prompt), params, threading.Event()))
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+    deadline = time.monotonic() + 10
+    while len(scheduler._pending) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    threading.Thread(target=scheduler._loop, daemon=True).start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_prompts_arriving_together_are_prefilled_in_one_forward(lm):
+    """Different lengths, left-padded into one prefill: each row still gets exactly its own reply."""
+    prompts = PROMPTS + ["A slightly longer line:"]
+    expected = {p: single(lm, p) for p in prompts}
+    scheduler = BatchScheduler(lm, max_batch=8, prefill_chunk=512)
+    assert queue_then_run(scheduler, lm, prompts) == expected
+    assert scheduler.prefills == 1
+
+
+def test_prompts_of_very_different_lengths_are_not_padded_together(lm):
+    short, long = PROMPTS[0], "word " * 200
+    expected = {p: single(lm, p) for p in (short, long)}
+    scheduler = BatchScheduler(lm, max_batch=8, prefill_chunk=512)
+    assert queue_then_run(scheduler, lm, [short, long]) == expected
+    assert scheduler.prefills == 2
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(lm):
+    """A chunk smaller than the prompts: each prompt goes in a few tokens at a time, interleaved with
+    the decode steps of the rows already streaming, and the replies do not change."""
+    expected = {p: single(lm, p) for p in PROMPTS}
+    scheduler = BatchScheduler(lm, max_batch=8, prefill_chunk=3)
+    assert queue_then_run(scheduler, lm, PROMPTS) == expected
+    assert scheduler.prefills >= sum(-(-len(lm.encode(p)) // 3) for p in PROMPTS if len(lm.encode(p)) > 3)
+
+
+def test_chunked_prefill_continues_a_cached_prefix(lm):
+    scheduler = BatchScheduler(lm, max_batch=2, prefill_chunk=4)
+    first = lm.encode("A story about a cat. " * 4)
+    list(scheduler.stream(first, GREEDY, threading.Event(), session_key="s"))
+    follow = first + lm.encode(" And then the dog ran far away from home")
+    chunks = list(scheduler.stream(follow, GREEDY, threading.Event(), session_key="s"))
+    assert chunks[-1].timings["cached_prompt_tokens"] >= len(first) - 1
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in stream_generate(lm, follow, GREEDY))
+
+
+def test_a_request_cancelled_while_its_prompt_is_fed_ends_alone(lm):
+    scheduler = BatchScheduler(lm, max_batch=4, prefill_chunk=2)
+    cancel = threading.Event()
+    cancel.set()
+    chunks = list(scheduler.stream(lm.encode("A long prompt that takes several chunks to feed"), GREEDY, cancel))
+    assert chunks[-1].finish_reason == "cancelled" and chunks[-1].completion_tokens == 0
+    assert "".join(c.text for c in scheduler.stream(lm.encode(PROMPTS[0]), GREEDY, threading.Event())) \
+        == single(lm, PROMPTS[0])
+
+
 def test_cancel_stops_one_row_alone(lm):
     scheduler = BatchScheduler(lm, max_batch=4)
     long = GenerationParams(max_tokens=200, temperature=0)
