@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from models.catalog import Catalog, assemble_default_model, parse_remote_option
-from models.loader import LoadOptions
+from models.loader import LoadOptions, import_model_code
 from models.manager import ModelError, ModelManager, format_bytes
 from parsers import ParseError, ParseLimits, is_supported, supported_types
 from parsers.pool import ParsePool
@@ -70,7 +70,7 @@ class ChatService:
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Assemble the bundled model, recover interrupted uploads, start timers and the preload."""
+        """Get ready to serve: bundled model, interrupted uploads, model code, timers, preload."""
         try:
             assemble_default_model(self.config.models_dir)
         except Exception as error:  # the app still serves other models and sessions
@@ -79,6 +79,7 @@ class ChatService:
         if recovered:
             log.warning("%d upload(s) were interrupted by a restart and are marked as failed", recovered)
         self.manager.start_idle_timer()
+        log.info("imported the model code in %.1f s", import_model_code())
         if self.config.preload:
             threading.Thread(target=self._preload, name="preload", daemon=True).start()
 

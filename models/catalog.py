@@ -127,6 +127,13 @@ class Catalog:
             return None
         return self._headers.get(spec.path)
 
+    def header_at(self, path: Path) -> GGUFHeader:
+        """The header of the GGUF at `path`, parsed once per file version; raises `GGUFError`."""
+        try:
+            return self._headers.get(path)
+        except OSError as error:
+            raise GGUFError(f"cannot read {path.name}: {error.strerror or error}") from error
+
     def describe(self, spec: ModelSpec) -> dict:
         """The static part of a model record: architecture, quantization, sizes."""
         info = {"architecture": None, "quantization": None, "file_size_bytes": 0,

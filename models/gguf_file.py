@@ -140,7 +140,10 @@ class _Cursor:
 
     def need(self, n: int) -> None:
         if n < 0 or self.pos + n > self.end:
-            raise GGUFError(f"{self.path.name} is truncated or corrupt (header runs past the end of the file)")
+            raise self.truncated()
+
+    def truncated(self) -> GGUFError:
+        return GGUFError(f"{self.path.name} is truncated or corrupt (header runs past the end of the file)")
 
     def scalar(self, fmt: str):
         size = struct.calcsize(fmt)
@@ -181,8 +184,26 @@ class _Cursor:
             self.pos += n * dtype.itemsize
             return items.tolist()
         if item_type == _STRING:
-            return [self.string() for _ in range(n)]
+            return self.strings(n)
         return [self.value(item_type) for _ in range(n)]
+
+    def strings(self, n: int) -> list[str]:
+        """`n` length-prefixed strings: a vocabulary has 100k-260k of them, so this loop stays tight."""
+        buf, pos, end = self.buf, self.pos, self.end
+        length_at = struct.Struct("<Q").unpack_from
+        items = []
+        append = items.append
+        for _ in range(n):
+            if pos + 8 > end:
+                raise self.truncated()
+            (length,) = length_at(buf, pos)
+            pos += 8
+            if pos + length > end:
+                raise self.truncated()
+            append(buf[pos : pos + length].decode("utf-8", errors="replace"))
+            pos += length
+        self.pos = pos
+        return items
 
 
 def read_header(path: str | Path) -> GGUFHeader:

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .convert import MODEL_BUILD_LOCK, convert_to_checkpoint
+from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .gguf_file import GGUFHeader, read_header
 from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
 
@@ -149,6 +150,25 @@ def checkpoint_dir(cache_root: Path, gguf_path: Path, dtype: torch.dtype) -> Pat
     return cache_root / "converted" / f"{digest[:24]}-{str(dtype).removeprefix('torch.')}"
 
 
+def import_model_code() -> float:
+    """Import transformers' model code for every supported architecture; return the seconds it took.
+
+    The first model load in a process otherwise pays ~4 s here (transformers' modeling modules pull
+    in torch.distributed, sympy and dynamo). The app does it once at start, so loading a model
+    while the app runs costs only the header, the weights and the tokenizer.
+    """
+    import importlib
+
+    from .convert import SUPPORTED_ARCHITECTURES
+
+    started = time.perf_counter()
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+
+    for architecture in SUPPORTED_ARCHITECTURES:
+        importlib.import_module(f"transformers.models.{architecture}.modeling_{architecture}")
+    return time.perf_counter() - started
+
+
 def load_tokenizer(folder: Path):
     """The fast tokenizer from `tokenizer.json`, straight into the Rust backend."""
     from transformers import PreTrainedTokenizerFast
@@ -176,12 +196,15 @@ def load_weights(folder: Path, device: torch.device, dtype: torch.dtype, quantiz
         kwargs["device_map"] = {"": device.index or 0}
     with MODEL_BUILD_LOCK:  # see its comment: transformers' loading is not thread-safe
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        use_float32_for_wide_inputs(model)
     return model.eval()
 
 
 def stop_ids(tokenizer, chat_format: ChatFormat) -> frozenset[int]:
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[token] for token in (*chat_format.stop_tokens, *KNOWN_STOP_TOKENS) if token in vocab}
+    # token by token: `get_vocab()` would build a 262k-entry dict (0.4 s) for a handful of lookups
+    lookup = tokenizer.backend_tokenizer.token_to_id
+    ids = {lookup(token) for token in (*chat_format.stop_tokens, *KNOWN_STOP_TOKENS)} - {None}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

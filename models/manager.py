@@ -261,7 +261,7 @@ class ModelManager:
                 progress(fraction, message)
 
         path = ensure_local(entry.spec, lambda f, m: report(0.3 * f, m))
-        header = read_header(path)
+        header = self.catalog.header_at(path)
         self._make_room(entry, self._estimate_header(header))
         return self._loader(path, self.cache_root, self.options, progress=report, header=header)
 
