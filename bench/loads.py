@@ -8,7 +8,8 @@ times for each phase and its own high-water mark (`VmHWM`, exact, unlike 20 ms p
     python bench/loads.py baseline GGUF_PATH           # plain transformers from_pretrained(gguf_file=...)
 
 Phases (all relative to `start`, after the imports):
-  start -> started (ChatService built and started; assembles the GGUF on a first start)
+  start -> started (ChatService built and started: assembles the GGUF on a first start and imports
+           transformers' model code, as `python app.py` does before it serves)
         -> loaded (weights and tokenizer ready) -> first_token (first text of a reply)
 then the child finishes a short reply, collects garbage, waits a second and reports steady memory.
 """
@@ -170,6 +171,8 @@ def _load_figures(events: dict, samples: list[tuple[float, int]], spawned: float
         "ok": ok,
         "error": None if ok else f"child exited with {returncode}: " + " | ".join(stderr_tail[-5:]),
         "start_to_first_token_s": since("start", "first_token"),
+        # the same load in a service that has started (model code imported): loading a model in the running app
+        "started_to_first_token_s": since("started", "first_token"),
         "process_to_first_token_s": round(at("first_token") - spawned, 4) if at("first_token") else None,
         "import_s": round(at("imported") - spawned, 4) if at("imported") else None,
         "start_s": since("start", "started"),

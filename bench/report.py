@@ -13,7 +13,10 @@ TARGETS = {
                          strict=True),
     "followup_ttft": Target("followup_ttft", "follow-up TTFT with ~2,000 tokens of history, cached over uncached",
                             0.1, "x uncached", lower_is_better=True),
-    "warm_load": Target("warm_load", "warm load (cache present) to first token", 3.0, "s", lower_is_better=True),
+    "warm_load": Target("warm_load", "warm load (cache present) to first token, fresh service", 3.0, "s",
+                        lower_is_better=True),
+    "warm_load_running": Target("warm_load_running", "warm load to first token in a started service (model "
+                                "code imported at start)", 3.0, "s", lower_is_better=True),
     "cold_load": Target("cold_load", "cold load (first start, empty data dir) to first token", 15.0, "s",
                         lower_is_better=True),
     "hot_swap": Target("hot_swap", "hot-swap to first token minus warm load to first token", 1.0, "s",
@@ -63,7 +66,8 @@ def compute_targets(r: dict) -> list[dict]:
         check(TARGETS["aggregate_8"], ratios["aggregate_8_vs_baseline_single"]),
         check(TARGETS["ttft_p95_8"], conc8.get("ttft_p95_s")),
         check(TARGETS["followup_ttft"], ratios["followup_cached_vs_uncached"], follow_note),
-        check(TARGETS["warm_load"], warm),
+        check(TARGETS["warm_load"], warm, f"of which service start {loads['warm'].get('start_s')} s"),
+        check(TARGETS["warm_load_running"], loads["warm"].get("started_to_first_token_s")),
         check(TARGETS["cold_load"], loads["cold"].get("start_to_first_token_s")),
         check(TARGETS["hot_swap"], swap - warm if swap is not None and warm is not None else None,
               f"hot_swap_s={swap}, warm={warm}" if swap is not None else None),
@@ -118,13 +122,15 @@ def table(r: dict) -> str:
                  f"(first turn, cold cache: {_fmt(follow.get('first_turn_ttft_s'))} s)"
                  + (f" ({follow['note']})" if follow.get("note") else ""))
     loads = r["load"]
-    load_rows = [[name, _fmt(f.get("start_to_first_token_s")), _fmt(f.get("process_to_first_token_s")),
+    load_rows = [[name, _fmt(f.get("start_to_first_token_s")), _fmt(f.get("started_to_first_token_s")),
+                  _fmt(f.get("process_to_first_token_s")),
                   _fmt(f.get("load_s")), _fmt(f.get("peak_rss_mib")), _fmt(f.get("steady_rss_mib")),
                   _fmt(f.get("peak_over_steady"))]
                  for name, f in (("cold", loads["cold"]), ("warm", loads["warm"]),
                                  ("baseline gguf_file=", base.get("load") or {}))]
     parts.append("\nLoads (fresh processes)\n" + _rows(
-        ["load", "to 1st token s", "incl. imports s", "load s", "peak MiB", "steady MiB", "peak/steady"], load_rows))
+        ["load", "to 1st token s", "in started service s", "incl. imports s", "load s", "peak MiB", "steady MiB",
+         "peak/steady"], load_rows))
     parts.append(f"hot-swap (unload, first token from another model): {_fmt(loads.get('hot_swap_s'))} s")
     verdict = {True: "PASS", False: "FAIL", None: "—"}
     target_rows = [[t["name"], _fmt(t["measured"]), t["limit"], verdict[t["pass"]]] for t in r["targets"]]

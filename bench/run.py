@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="llm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    meta = describe_machine(args)
+    meta = describe_machine(args, notes)
     try:
         results = run_all(args, work, notes)
     finally:
@@ -265,7 +265,7 @@ def app_config_summary(config) -> dict:
             "has_prefix_cache_flag": "prefix_cache" in names, "has_batching_flag": "batching" in names}
 
 
-def describe_machine(args) -> dict:
+def describe_machine(args, notes: list[str]) -> dict:
     import psutil
     import torch
     import transformers
