@@ -1,0 +1,50 @@
+"""The benchmark's plumbing, without the measuring: arguments, machine description, report and verdicts.
+
+A full run takes many minutes on the bundled model (python bench/run.py); these checks keep its
+code paths that run before and after the measurements from breaking unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from bench import report, run
+
+
+def fake_results() -> dict:
+    stream = {"decode_tok_s": 20.0, "ttft_s": 0.3, "itl_p50_s": 0.05, "itl_p95_s": 0.06, "tokens": 64,
+              "cpu_ms_per_token": 90.0}
+    load = {"start_to_first_token_s": 5.0, "started_to_first_token_s": 2.5, "process_to_first_token_s": 8.0,
+            "start_s": 2.5, "load_s": 2.2, "peak_rss_mib": 1200.0, "steady_rss_mib": 1190.0, "peak_over_steady": 1.01}
+    return {
+        "baseline": {**stream, "decode_tok_s": 10.0, "load_to_first_token_s": 40.0},
+        "engine": stream, "api": {**stream, "itl_p50_s": 0.052},
+        "concurrency": {"1": {"aggregate_tok_s": 20.0, "ttft_p50_s": 0.3, "ttft_p95_s": 0.3, "itl_p50_s": 0.05},
+                        "8": {"aggregate_tok_s": 60.0, "ttft_p50_s": 0.9, "ttft_p95_s": 1.5, "itl_p50_s": 0.13}},
+        "followup": {"history_tokens": 2000, "ttft_cached_s": 0.5, "ttft_uncached_s": 20.0, "first_turn_ttft_s": 20.0},
+        "load": {"cold": {**load, "start_to_first_token_s": 14.0, "peak_over_warm_steady": 1.1}, "warm": load,
+                 "hot_swap_s": 3.0},
+    }
+
+
+def test_arguments_and_machine_description():
+    args = run.parse_args(["--quick", "--json", "out.json"])
+    notes: list[str] = []
+    meta = run.describe_machine(args, notes)
+    assert meta["machine"]["nproc"] >= 1 and meta["notes"] is notes
+    json.dumps(meta)
+
+
+def test_ratios_targets_and_table():
+    result = fake_results()
+    result["meta"] = run.describe_machine(run.parse_args([]), ["a note"])
+    result["ratios"] = report.compute_ratios(result)
+    result["targets"] = report.compute_targets(result)
+    verdicts = {t["name"]: t["pass"] for t in result["targets"]}
+    assert verdicts["single_stream_decode"] is True  # 20 tok/s against 10
+    assert verdicts["aggregate_8"] is False  # 6x, under 8x
+    assert verdicts["warm_load"] is False and verdicts["warm_load_running"] is True
+    assert set(verdicts) == set(report.TARGETS)
+    text = report.table(result)
+    assert "Targets" in text and "a note" in text
+    json.dumps(result)
