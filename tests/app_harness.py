@@ -13,6 +13,7 @@ to the run's shared conversion cache, so each tiny model is converted once per r
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -116,6 +117,28 @@ def running_app(config: AppConfig) -> Iterator[RunningApp]:
         yield app
     finally:
         app.stop()
+
+
+def gradio_call(client: httpx.Client, name: str, *data) -> tuple[str, object]:
+    """A named Gradio endpoint over plain HTTP (`client` has the app's base URL).
+
+    ("complete", value), ("error", message) or ("http <status>", body): the event stream is read up
+    to its first result, the way a script without gradio_client would.
+    """
+    response = client.post(f"/gradio_api/call/{name}", json={"data": list(data)})
+    if response.status_code != 200:
+        return f"http {response.status_code}", response.text
+    event, payload = None, None
+    with client.stream("GET", f"/gradio_api/call/{name}/{response.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                payload = json.loads(line[len("data: "):])
+                break
+    if event == "error":
+        return "error", payload.get("error") if isinstance(payload, dict) else payload
+    return event, payload[0] if isinstance(payload, list) and payload else payload
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):

@@ -9,7 +9,6 @@ on disk must still load.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -17,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from app_harness import app_config, running_app, wait_until
+from app_harness import app_config, gradio_call, running_app, wait_until
 from sessions import LOCAL_USER, SessionStore
 
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
@@ -62,27 +61,8 @@ def http(app):
         yield client
 
 
-def call(http: httpx.Client, name: str, data) -> tuple[str, object]:
-    """Call /gradio_api/call/<name>; ("complete", value) or ("error", message) or ("http <status>", text)."""
-    response = http.post(f"/gradio_api/call/{name}", json={"data": data})
-    if response.status_code != 200:
-        return f"http {response.status_code}", response.text
-    event_id = response.json()["event_id"]
-    event, payload = None, None
-    with http.stream("GET", f"/gradio_api/call/{name}/{event_id}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[len("event: "):]
-            elif line.startswith("data: ") and event in ("complete", "error"):
-                payload = json.loads(line[len("data: "):])
-                break
-    if event == "error":
-        return "error", (payload or {}).get("error") if isinstance(payload, dict) else payload
-    return event, payload[0] if isinstance(payload, list) and payload else payload
-
-
 def value(http, name, *data):
-    event, result = call(http, name, list(data))
+    event, result = gradio_call(http, name, *data)
     assert event == "complete", (name, event, result)
     return result
 
@@ -129,7 +109,7 @@ def test_every_endpoint_answers_hostile_arguments_clearly(app, http, canary):
     scratch = value(http, "new_session", "scratch")["id"]
     started, counts = time.monotonic(), {"complete": 0, "error": 0}
     for name, data in fuzzed_calls(scratch):
-        event, result = call(http, name, data)
+        event, result = gradio_call(http, name, *data)
         assert_clear(name, event, result)
         counts[event] += 1
         if name == "delete_session" and event == "complete":  # only ever the scratch session, by its own id

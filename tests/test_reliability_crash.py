@@ -8,7 +8,6 @@ without the app: test_sessions_durability.py.)
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app_harness import free_port, wait_until
+from app_harness import free_port, gradio_call, wait_until
 from sessions import LOCAL_USER, SessionStore
 from sessions.files import INTERRUPTED
 
@@ -76,17 +75,10 @@ class AppProcess:
 
 def call(http: httpx.Client, name: str, *data):
     """A named Gradio endpoint over HTTP: its final value, or raise with its error."""
-    response = http.post(f"/gradio_api/call/{name}", json={"data": list(data)})
-    response.raise_for_status()
-    event, payload = None, None
-    for line in http.get(f"/gradio_api/call/{name}/{response.json()['event_id']}").text.splitlines():
-        if line.startswith("event: "):
-            event = line[len("event: "):]
-        elif line.startswith("data: ") and event in ("complete", "error"):
-            payload = json.loads(line[len("data: "):])
+    event, value = gradio_call(http, name, *data)
     if event != "complete":
-        raise RuntimeError(f"{name}: {event} {payload}")
-    return payload[0]
+        raise RuntimeError(f"{name}: {event} {value}")
+    return value
 
 
 def attach(http, sid: str, name: str, data: bytes) -> dict:

@@ -8,7 +8,6 @@ uploads at once, the /v1 routes of an app with --auth, and the shape of session 
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import uuid
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from gradio.utils import get_upload_folder
 
-from app_harness import app_config, running_app, wait_until
+from app_harness import app_config, gradio_call, running_app, wait_until
 
 USERS = {"alice": "pw-alice", "bob": "pw-bob"}
 MAX_FILES = 4
@@ -54,30 +53,14 @@ def bob(app):
     client.close()
 
 
-def call(client: httpx.Client, name: str, *data) -> tuple[str, object]:
-    """Call a named endpoint over HTTP: ("complete", value), ("error", message) or ("http <status>", body)."""
-    response = client.post(f"/gradio_api/call/{name}", json={"data": list(data)})
-    if response.status_code != 200:
-        return f"http {response.status_code}", response.text
-    event, payload = None, None
-    for line in client.get(f"/gradio_api/call/{name}/{response.json()['event_id']}").text.splitlines():
-        if line.startswith("event: "):
-            event = line[len("event: "):]
-        elif line.startswith("data: ") and event in ("complete", "error"):
-            payload = json.loads(line[len("data: "):])
-    if event == "error":
-        return "error", payload.get("error") if isinstance(payload, dict) else payload
-    return event, payload[0] if isinstance(payload, list) and payload else payload
-
-
 def ok(client, name, *data):
-    event, value = call(client, name, *data)
+    event, value = gradio_call(client, name, *data)
     assert event == "complete", (name, event, value)
     return value
 
 
 def refused(client, name, *data) -> str:
-    event, message = call(client, name, *data)
+    event, message = gradio_call(client, name, *data)
     assert event == "error", (name, event, message)
     assert isinstance(message, str) and message.strip() and not TRACEBACK.search(message), message
     return message
@@ -213,7 +196,7 @@ def test_many_uploads_at_once_respect_the_file_limit(app, alice, bob):
 
     def send(user, client, index):
         path = upload(client, f"{user}-{index}.txt", f"{user} file {index}".encode())
-        results[user].append(call(client, "upload_file", sessions[user], file_data(path, f"{user}-{index}.txt")))
+        results[user].append(gradio_call(client, "upload_file", sessions[user], file_data(path, f"{user}-{index}.txt")))
 
     threads = [threading.Thread(target=send, args=(user, client, i))
                for i in range(3 * MAX_FILES) for user, client in (("alice", alice), ("bob", bob))]
