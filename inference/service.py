@@ -220,19 +220,11 @@ class ChatService:
                 # The caller went away (a closed tab, a dropped /v1 client): stop at once, keep what was written.
                 cancel.set()
                 stream.close()
-                try:
-                    self._store_reply(owner, session_id, model_id, text,
-                                      dataclasses.replace(last, finish_reason="cancelled"), assembled.report)
-                except KeyError:
-                    pass  # the session was deleted meanwhile
+                self._store_partial(owner, session_id, model_id, text, last, assembled.report, "cancelled")
                 raise
             except Exception:
                 # The generation failed part-way: store what it wrote, so the user turn is not left unanswered.
-                try:
-                    self._store_reply(owner, session_id, model_id, text,
-                                      dataclasses.replace(last, finish_reason="error"), assembled.report)
-                except KeyError:
-                    pass
+                self._store_partial(owner, session_id, model_id, text, last, assembled.report, "error")
                 raise
         report, stats = self._store_reply(owner, session_id, model_id, text, last, assembled.report)
         yield ChatUpdate(text=text, delta=last.text, done=True, finish_reason=last.finish_reason,
@@ -246,6 +238,14 @@ class ChatService:
         self.store.add_message(owner, session_id, "assistant", text, model_id=model_id,
                                tokens=last.completion_tokens, context_report=report, stats=stats)
         return report, stats
+
+    def _store_partial(self, owner, session_id, model_id, text, last: Chunk, report: dict, reason: str) -> None:
+        """Store a reply cut short, marked with `reason`, unless its session was deleted meanwhile."""
+        try:
+            self._store_reply(owner, session_id, model_id, text, dataclasses.replace(last, finish_reason=reason),
+                              report)
+        except KeyError:
+            pass
 
     def _last_user_message(self, owner: str, session_id: str) -> tuple[str, str]:
         """(id, content) of the last user message: what a regenerate answers again."""
