@@ -245,7 +245,10 @@ def test_create_switch_rename_and_delete_chats(page, running):
     assert fresh in session_ids(running)
 
     page.get_by_text("Rename or delete").click()
-    page.locator("#rename-box textarea, #rename-box input").first.fill("Beta")
+    title_box = page.locator("#rename-box textarea, #rename-box input").first
+    expect(title_box).to_have_value("New chat")  # the new chat's title has arrived; typing now is not overwritten
+    title_box.fill("Beta")
+    expect(title_box).to_have_value("Beta")
     page.locator("#rename-btn").click()
     expect(session_label(page, "Beta")).to_be_visible()
     assert running.service.get_session(OWNER, fresh)["title"] == "Beta"
