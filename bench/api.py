@@ -80,11 +80,13 @@ def start_app(config) -> RunningApp:
 
 
 # ----- one stream -------------------------------------------------------------------------------
-def stream_engine(service, model_id: str, messages: list[dict], max_tokens: int) -> StreamTiming:
-    """One greedy reply straight from `Engine.stream_chat`, timed per text delta."""
+def stream_engine(service, model_id: str, messages: list[dict], max_tokens: int,
+                  sampling: dict | None = None) -> StreamTiming:
+    """One reply straight from `Engine.stream_chat`, timed per text delta: greedy unless `sampling`
+    gives other settings (temperature, top_k, top_p, seed)."""
     from inference.params import GenerationParams
 
-    params = GenerationParams.from_dict({"temperature": 0, "max_tokens": max_tokens})
+    params = GenerationParams.from_dict({"temperature": 0, **(sampling or {}), "max_tokens": max_tokens})
     with service.manager.use(model_id) as lm:
         timing = StreamTiming(started=time.perf_counter())
         for chunk in service.engine.stream_chat(lm, messages, params, threading.Event()):

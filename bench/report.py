@@ -44,6 +44,8 @@ def compute_ratios(r: dict) -> dict:
         "engine_cpu_per_token_vs_baseline": _r(ratio(engine.get("cpu_ms_per_token"), base.get("cpu_ms_per_token"))),
         "api_itl_p50_vs_engine": _r(ratio(api.get("itl_p50_s"), engine.get("itl_p50_s"))),
         "api_itl_p95_vs_engine": _r(ratio(api.get("itl_p95_s"), engine.get("itl_p95_s"))),
+        "sampled_decode_vs_engine": _r(ratio(r.get("engine_sampled", {}).get("decode_tok_s"),
+                                             engine.get("decode_tok_s"))),
         "aggregate_vs_baseline_single": {
             level: _r(ratio(figures.get("aggregate_tok_s"), base.get("decode_tok_s")))
             for level, figures in r["concurrency"].items()},
@@ -108,7 +110,8 @@ def table(r: dict) -> str:
              f"transformers {r['meta']['transformers']}, device {r['meta']['device']}"]
     single = [[name, _fmt(f.get("decode_tok_s")), _fmt(f.get("ttft_s")), _fmt(f.get("itl_p50_s")),
                _fmt(f.get("itl_p95_s")), _fmt(f.get("tokens")), _fmt(f.get("cpu_ms_per_token"))]
-              for name, f in (("baseline generate()", base), ("engine", engine), ("/v1 stream", api))]
+              for name, f in (("baseline generate()", base), ("engine", engine), ("/v1 stream", api),
+                              ("engine, chat sampling", r.get("engine_sampled", {})))]
     parts.append("\nSingle stream\n" + _rows(["path", "decode tok/s", "TTFT s", "ITL p50 s", "ITL p95 s", "tokens", "CPU ms/token"],
                                               single))
     conc = [[level, _fmt(f.get("aggregate_tok_s")), _fmt(r["ratios"]["aggregate_vs_baseline_single"].get(level), "x"),

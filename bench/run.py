@@ -34,6 +34,7 @@ from bench.stats import StreamTiming, summarize_single  # noqa: E402
 MODEL_ID = "gemma-3-270m"
 SWAP_STEM = "gemma-3-270m-swap-copy"
 SINGLE_PROMPT = "Write a long story about a dragon who learns to bake bread."
+CHAT_SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "seed": 1234}  # the chat's defaults, seeded
 PROMPTS = [
     "Write a long story about a dragon who learns to bake bread.",
     "Count from 1 to 400, separated by commas.",
@@ -161,7 +162,8 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
 
 
 def measure_single(args, running) -> dict:
-    """Baseline generate(), engine and /v1, interleaved per repetition so drift hits all three alike."""
+    """Baseline generate(), engine, /v1 and the engine with the chat's sampling settings, interleaved
+    per repetition so drift hits all of them alike."""
     import httpx
     import torch
 
@@ -176,17 +178,20 @@ def measure_single(args, running) -> dict:
         device = lm.device
     step(f"baseline model from {folder.name} (bfloat16)")
     baseline = Baseline(folder, device)
-    runs: dict[str, list[StreamTiming]] = {"baseline": [], "engine": [], "api": []}
+    runs: dict[str, list[StreamTiming]] = {"baseline": [], "engine": [], "api": [], "engine_sampled": []}
     with httpx.Client(timeout=api.REQUEST_TIMEOUT_S) as http:
         step("warm-up (untimed)")
         baseline.generate(prompt_ids, 4)
         api.stream_engine(service, MODEL_ID, messages, 4)
         api.stream_v1(http, running.chat_url, MODEL_ID, messages, 4)
         for i in range(args.repeats):
-            step(f"single stream {i + 1}/{args.repeats}: baseline, engine, /v1 ({args.tokens} tokens each)")
+            step(f"single stream {i + 1}/{args.repeats}: baseline, engine, /v1, engine sampled "
+                 f"({args.tokens} tokens each)")
             runs["baseline"].append(baseline.generate(prompt_ids, args.tokens))
             runs["engine"].append(api.stream_engine(service, MODEL_ID, messages, args.tokens))
             runs["api"].append(api.stream_v1(http, running.chat_url, MODEL_ID, messages, args.tokens))
+            runs["engine_sampled"].append(api.stream_engine(service, MODEL_ID, messages, args.tokens,
+                                                            CHAT_SAMPLING))
     baseline.close()
     gc.collect()
     result = {name: summarize_single(timings) for name, timings in runs.items()}

@@ -22,8 +22,9 @@ import torch
 
 from . import kv
 from .detok import IncrementalDetokenizer
-from .generate import Chunk, StopMatcher, check_prompt, sample_next
+from .generate import Chunk, StopMatcher, check_prompt
 from .params import GenerationParams
+from .sampling import sample_next
 
 
 class PrefixCache:

@@ -16,6 +16,7 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .params import GenerationParams
+from .sampling import sample_next
 
 
 class PromptTooLong(ValueError):
@@ -63,29 +64,6 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
-
-
-def sample_next(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
-                history: torch.Tensor | None = None) -> int:
-    """Pick the next token from one row of logits."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        seen = logits[history]
-        logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        threshold = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        drop = cumulative - sorted_probs > params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def check_prompt(prompt_len: int, context_length: int) -> None:

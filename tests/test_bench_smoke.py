@@ -18,7 +18,7 @@ def fake_results() -> dict:
             "start_s": 2.5, "load_s": 2.2, "peak_rss_mib": 1200.0, "steady_rss_mib": 1190.0, "peak_over_steady": 1.01}
     return {
         "baseline": {**stream, "decode_tok_s": 10.0, "load_to_first_token_s": 40.0},
-        "engine": stream, "api": {**stream, "itl_p50_s": 0.052},
+        "engine": stream, "api": {**stream, "itl_p50_s": 0.052}, "engine_sampled": {**stream, "decode_tok_s": 19.0},
         "concurrency": {"1": {"aggregate_tok_s": 20.0, "ttft_p50_s": 0.3, "ttft_p95_s": 0.3, "itl_p50_s": 0.05},
                         "8": {"aggregate_tok_s": 60.0, "ttft_p50_s": 0.9, "ttft_p95_s": 1.5, "itl_p50_s": 0.13}},
         "followup": {"history_tokens": 2000, "ttft_cached_s": 0.5, "ttft_uncached_s": 20.0, "first_turn_ttft_s": 20.0},
@@ -45,6 +45,7 @@ def test_ratios_targets_and_table():
     assert verdicts["aggregate_8"] is False  # 6x, under 8x
     assert verdicts["warm_load"] is False and verdicts["warm_load_running"] is True
     assert set(verdicts) == set(report.TARGETS)
+    assert result["ratios"]["sampled_decode_vs_engine"] == 0.95
     text = report.table(result)
-    assert "Targets" in text and "a note" in text
+    assert "Targets" in text and "a note" in text and "engine, chat sampling" in text
     json.dumps(result)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.detok import IncrementalDetokenizer
-from inference.generate import PromptTooLong, StopMatcher, sample_next, stream_generate
+from inference.generate import PromptTooLong, StopMatcher, stream_generate
 from inference.params import GenerationParams, InvalidParams, parse_settings, split_settings
 from models.loader import LoadOptions, load_model
 
@@ -289,20 +289,6 @@ def test_stop_matcher_multibyte_stop():
     matcher = StopMatcher(("✓✓",))
     assert matcher.feed("done ✓") == ("done ", False)
     assert matcher.feed("✓ more") == ("", True)
-
-
-# ----- sampling -----------------------------------------------------------------------------------
-
-def test_sample_next_filters():
-    logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
-    generator = torch.Generator().manual_seed(0)
-    assert sample_next(logits.clone(), GenerationParams(temperature=0.0), None) == 1
-    top2 = GenerationParams(temperature=1.0, top_k=2, top_p=1.0)
-    assert {sample_next(logits.clone(), top2, generator) for _ in range(50)} == {1, 2}
-    nucleus = GenerationParams(temperature=1.0, top_k=0, top_p=0.01)
-    assert {sample_next(logits.clone(), nucleus, generator) for _ in range(20)} == {1}
-    penalised = GenerationParams(temperature=0.0, repetition_penalty=2.0)
-    assert sample_next(logits.clone(), penalised, None, torch.tensor([1])) == 2
 
 
 # ----- GenerationParams ---------------------------------------------------------------------------
