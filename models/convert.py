@@ -384,6 +384,49 @@ def write_weights(header: GGUFHeader, config, dtype: torch.dtype, path: Path,
         raise RuntimeError(f"wrote {written:,} bytes of weights for {header.path.name}, expected {total:,}")
 
 
+CHECKPOINT_FILES = ("config.json", "tokenizer_config.json", "source.json", "tokenizer.json", "model.safetensors")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint folder cannot be used as it is (missing, cut short, damaged), or None.
+
+    A folder is renamed into place only once complete, but a crash or power loss before the data
+    reached the disk, a full disk or a hand edit can still leave it broken. Cheap enough for every
+    load: the small JSON files are parsed, the large ones checked for their length and ending.
+    """
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for name in CHECKPOINT_FILES[:3]:
+        try:
+            json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{name} is damaged ({exc})"
+    with (folder / "tokenizer.json").open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 16))
+        if not handle.read().rstrip().endswith(b"}"):
+            return "tokenizer.json is cut short"
+    return _safetensors_problem(folder / "model.safetensors")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (head_len,) = struct.unpack("<Q", handle.read(8))
+            if head_len > size - 8:
+                return "model.safetensors is cut short"
+            head = json.loads(handle.read(head_len))
+        ends = [entry["data_offsets"][1] for key, entry in head.items() if key != "__metadata__"]
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
+        return f"model.safetensors has a damaged header ({exc})"
+    expected = 8 + head_len + max(ends, default=0)
+    if size != expected:
+        return f"model.safetensors is {size:,} bytes, its header says {expected:,}"
+    return None
+
+
 def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
                           progress: ProgressFn | None = None) -> Path:
     """Write config, tokenizer and `model.safetensors` for `header` into `out_dir`, atomically.

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .convert import MODEL_BUILD_LOCK, convert_to_checkpoint
+from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .gguf_file import GGUFHeader, read_header
 from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
@@ -223,8 +223,12 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     dtype = pick_dtype(device, options.dtype)
     folder = checkpoint_dir(cache_root, gguf_path, dtype)
     with _folder_lock(folder):  # a second load of the same file waits for the first conversion
-        if not (folder / "model.safetensors").exists():
-            report(0.0, "converting the GGUF file (first load only)")
+        problem = checkpoint_problem(folder) if folder.exists() else "not converted yet"
+        if problem:
+            if folder.exists():
+                log.warning("rebuilding the cached checkpoint %s: %s", folder, problem)
+            report(0.0, "converting the GGUF file (first load only)" if not folder.exists()
+                   else "rebuilding a damaged conversion cache")
             convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m))
     report(0.9, "loading weights")
     # transformers' lazy module is not safe to import from two threads at once: import first.
