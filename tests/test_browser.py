@@ -144,6 +144,17 @@ def wait_reply_done(page, timeout: int = REPLY_MS) -> None:
     expect(page.locator("#reply-stats")).to_contain_text("tok/s", timeout=WAIT_MS)
 
 
+def type_into(locator, value: str) -> None:
+    """Fill a field and make sure it keeps the value: a field that has just appeared (a tab or an
+    accordion opened) can still receive its value from the server a moment later."""
+    for _ in range(3):
+        locator.fill(value)
+        time.sleep(0.3)
+        if locator.input_value() == value:
+            return
+    raise AssertionError(f"the field did not keep {value!r}")
+
+
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
@@ -210,8 +221,8 @@ def test_reply_streams_into_the_page(page, running):
 def test_stop_ends_a_long_reply(page, running):
     session_id = open_chat(page, running, "Long reply")
     open_tab(page, "Settings")  # greedy decoding never picks the end token of the random model
-    page.locator("#temperature input[type=number]").fill("0")
-    page.locator("#max-tokens input[type=number]").fill("4000")
+    type_into(page.locator("#temperature input[type=number]"), "0")
+    type_into(page.locator("#max-tokens input[type=number]"), "4000")
     page.locator("#max-tokens input[type=number]").press("Tab")
     page.locator("#save-settings").click()
     expect(toast(page, "Settings saved")).to_be_visible()
@@ -246,9 +257,8 @@ def test_create_switch_rename_and_delete_chats(page, running):
 
     page.get_by_text("Rename or delete").click()
     title_box = page.locator("#rename-box textarea, #rename-box input").first
-    expect(title_box).to_have_value("New chat")  # the new chat's title has arrived; typing now is not overwritten
-    title_box.fill("Beta")
-    expect(title_box).to_have_value("Beta")
+    expect(title_box).to_have_value("New chat")  # the new chat's title has arrived
+    type_into(title_box, "Beta")
     page.locator("#rename-btn").click()
     expect(session_label(page, "Beta")).to_be_visible()
     assert running.service.get_session(OWNER, fresh)["title"] == "Beta"
