@@ -419,7 +419,7 @@ def _safetensors_problem(path: Path) -> str | None:
                 return "model.safetensors is cut short"
             head = json.loads(handle.read(head_len))
         ends = [entry["data_offsets"][1] for key, entry in head.items() if key != "__metadata__"]
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
+    except (OSError, ValueError, struct.error, AttributeError, KeyError, TypeError, IndexError) as exc:
         return f"model.safetensors has a damaged header ({exc})"
     expected = 8 + head_len + max(ends, default=0)
     if size != expected:

@@ -25,6 +25,8 @@ DAMAGE = {
     "weights cut short": lambda folder: cut_short(folder / "model.safetensors", 0.9),
     "weights emptied": lambda folder: (folder / "model.safetensors").write_bytes(b""),
     "weights header garbled": lambda folder: (folder / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"x" * 16),
+    "weights header not an object": lambda folder: (folder / "model.safetensors").write_bytes(
+        b"\x02" + b"\0" * 7 + b"[]" + b"\0" * 64),
     "tokenizer cut short": lambda folder: cut_short(folder / "tokenizer.json"),
     "config garbled": lambda folder: (folder / "config.json").write_text("{\"model_type\": "),
     "source record lost": lambda folder: (folder / "source.json").unlink(),
