@@ -223,12 +223,13 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     dtype = pick_dtype(device, options.dtype)
     folder = checkpoint_dir(cache_root, gguf_path, dtype)
     with _folder_lock(folder):  # a second load of the same file waits for the first conversion
-        problem = checkpoint_problem(folder) if folder.exists() else "not converted yet"
+        problem = checkpoint_problem(folder)
         if problem:
             if folder.exists():
                 log.warning("rebuilding the cached checkpoint %s: %s", folder, problem)
-            report(0.0, "converting the GGUF file (first load only)" if not folder.exists()
-                   else "rebuilding a damaged conversion cache")
+                report(0.0, "rebuilding a damaged conversion cache")
+            else:
+                report(0.0, "converting the GGUF file (first load only)")
             convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m))
     report(0.9, "loading weights")
     # transformers' lazy module is not safe to import from two threads at once: import first.
