@@ -58,7 +58,7 @@ def _child_app(data_dir: str, model_id: str) -> None:
     service = ChatService(AppConfig(data_dir=Path(data_dir), preload=False, default_model=model_id,
                                     idle_unload_s=None))
     service.start()
-    _emit("started")
+    _emit("started", rss=_proc_status("VmRSS"))
     service.load_model(model_id)
     _emit("loaded")
     params = GenerationParams.from_dict({"temperature": 0, "max_tokens": 16})
@@ -166,6 +166,7 @@ def _load_figures(events: dict, samples: list[tuple[float, int]], spawned: float
     window = [rss for t, rss in samples if at("start") and t >= at("start") and t <= (at("first_token") or t)]
     peak = max([first.get("hwm") or 0, max(window, default=0)]) or None
     steady_rss = steady.get("rss")
+    started_rss = events.get("started", {}).get("rss")
     ok = returncode == 0 and "first_token" in events
     return {
         "ok": ok,
@@ -182,6 +183,8 @@ def _load_figures(events: dict, samples: list[tuple[float, int]], spawned: float
         "polled_peak_rss_mib": _mib(max(window, default=None)),
         "steady_rss_mib": _mib(steady_rss),
         "peak_over_steady": round(peak / steady_rss, 4) if peak and steady_rss else None,
+        # what loading the model (weights and tokenizer) and one short reply added to the started service
+        "model_growth_mib": _mib(steady_rss - started_rss) if steady_rss and started_rss else None,
     }
 
 

@@ -25,6 +25,23 @@ TARGETS = {
                                     "x steady", lower_is_better=True),
     "load_peak_memory_cold": Target("load_peak_memory_cold", "peak RSS during a cold load (conversion) over "
                                     "the warm load's steady RSS", 1.3, "x steady", lower_is_better=True),
+    "decode_vs_llamacpp": Target("decode_vs_llamacpp", "engine single-stream decode tok/s over llama.cpp's "
+                                 "(same file, same threads)", 1.0, "x llama.cpp", lower_is_better=False),
+    "aggregate_8_vs_llamacpp": Target("aggregate_8_vs_llamacpp", "aggregate tok/s at 8 concurrent /v1 sessions "
+                                      "over llama.cpp's single-stream decode", 4.0, "x llama.cpp",
+                                      lower_is_better=False),
+    "ttft_p95_8_1s": Target("ttft_p95_8_1s", "p95 TTFT at 8 concurrent /v1 sessions", 1.0, "s",
+                            lower_is_better=True, strict=True),
+    "prefill_vs_llamacpp": Target("prefill_vs_llamacpp", "512-token prefill tok/s over llama.cpp's", 1.0,
+                                  "x llama.cpp", lower_is_better=False),
+    "load_growth": Target("load_growth", "what the started service grows by when the model loads, over the "
+                          "GGUF file's size", 1.5, "x file", lower_is_better=True),
+    "warm_load_running_05": Target("warm_load_running_05", "load of a converted model in a started service, "
+                                   "request to first token", 0.5, "s", lower_is_better=True),
+    "warm_process_4s": Target("warm_process_4s", "process start to first token with warm caches", 4.0, "s",
+                              lower_is_better=True),
+    "cold_load_8s": Target("cold_load_8s", "cold load (first start, conversion included) to first token", 8.0, "s",
+                           lower_is_better=True),
     "v1_itl_overhead": Target("v1_itl_overhead", "/v1 streaming inter-token latency p50 over the engine's",
                               1.10, "x engine", lower_is_better=True),
 }
@@ -35,6 +52,7 @@ def compute_ratios(r: dict) -> dict:
     conc8 = r["concurrency"].get("8", {})
     loads = r["load"]
     follow = r["followup"]
+    llama = r.get("llamacpp") or {}
     return {
         "engine_decode_vs_baseline": _r(ratio(engine.get("decode_tok_s"), base.get("decode_tok_s"))),
         "api_decode_vs_baseline": _r(ratio(api.get("decode_tok_s"), base.get("decode_tok_s"))),
@@ -51,6 +69,13 @@ def compute_ratios(r: dict) -> dict:
             for level, figures in r["concurrency"].items()},
         "aggregate_8_vs_baseline_single": _r(ratio(conc8.get("aggregate_tok_s"), base.get("decode_tok_s"))),
         "followup_cached_vs_uncached": _r(ratio(follow.get("ttft_cached_s"), follow.get("ttft_uncached_s"))),
+        "decode_vs_llamacpp": _r(ratio(engine.get("decode_tok_s"), llama.get("decode_tok_s"))),
+        "api_decode_vs_llamacpp": _r(ratio(api.get("decode_tok_s"), llama.get("decode_tok_s"))),
+        "aggregate_8_vs_llamacpp": _r(ratio(conc8.get("aggregate_tok_s"), llama.get("decode_tok_s"))),
+        "prefill_vs_llamacpp": _r(ratio(r.get("prefill", {}).get("tok_s"), llama.get("prefill_tok_s"))),
+        "warm_load_running_vs_llamacpp_load": _r(ratio(loads["warm"].get("started_to_first_token_s"),
+                                                       llama.get("load_s"))),
+        "load_growth_vs_file": _r(ratio(loads["warm"].get("model_growth_mib"), r["meta"].get("model_file_mib"))),
         "cold_load_vs_baseline_load": _r(ratio(loads["cold"].get("start_to_first_token_s"),
                                                base.get("load_to_first_token_s"))),
         "warm_load_vs_baseline_load": _r(ratio(loads["warm"].get("start_to_first_token_s"),
@@ -63,6 +88,7 @@ def compute_targets(r: dict) -> list[dict]:
     warm = loads["warm"].get("start_to_first_token_s")
     swap = loads.get("hot_swap_s")
     follow_note = r["followup"].get("note")
+    llama_note = None if r.get("llamacpp") and "error" not in r["llamacpp"] else "no llama.cpp anchor in this run"
     return [
         check(TARGETS["single_stream_decode"], ratios["engine_decode_vs_baseline"]),
         check(TARGETS["aggregate_8"], ratios["aggregate_8_vs_baseline_single"]),
@@ -77,6 +103,14 @@ def compute_targets(r: dict) -> list[dict]:
         check(TARGETS["load_peak_memory_cold"], loads["cold"].get("peak_over_warm_steady"),
               f"over its own steady RSS: {loads['cold'].get('peak_over_steady')}"),
         check(TARGETS["v1_itl_overhead"], ratios["api_itl_p50_vs_engine"]),
+        check(TARGETS["decode_vs_llamacpp"], ratios["decode_vs_llamacpp"], llama_note),
+        check(TARGETS["aggregate_8_vs_llamacpp"], ratios["aggregate_8_vs_llamacpp"], llama_note),
+        check(TARGETS["ttft_p95_8_1s"], conc8.get("ttft_p95_s")),
+        check(TARGETS["prefill_vs_llamacpp"], ratios["prefill_vs_llamacpp"], llama_note),
+        check(TARGETS["load_growth"], ratios["load_growth_vs_file"]),
+        check(TARGETS["warm_load_running_05"], loads["warm"].get("started_to_first_token_s")),
+        check(TARGETS["warm_process_4s"], loads["warm"].get("process_to_first_token_s")),
+        check(TARGETS["cold_load_8s"], loads["cold"].get("start_to_first_token_s")),
     ]
 
 
@@ -135,6 +169,21 @@ def table(r: dict) -> str:
         ["load", "to 1st token s", "in started service s", "incl. imports s", "load s", "peak MiB", "steady MiB",
          "peak/steady"], load_rows))
     parts.append(f"hot-swap (unload, first token from another model): {_fmt(loads.get('hot_swap_s'))} s")
+    parts.append(f"model growth on load: {_fmt(loads['warm'].get('model_growth_mib'))} MiB for a "
+                 f"{_fmt(r['meta'].get('model_file_mib'))} MiB file")
+    llama, prefill, ratios = r.get("llamacpp") or {}, r.get("prefill") or {}, r["ratios"]
+    parts.append("
+Against llama.cpp (same file, same threads)
+" + _rows(
+        ["figure", "this app", "llama.cpp", "ratio"],
+        [["decode tok/s (engine)", _fmt(engine.get("decode_tok_s")), _fmt(llama.get("decode_tok_s")),
+          _fmt(ratios.get("decode_vs_llamacpp"), "x")],
+         ["decode tok/s (/v1)", _fmt(api.get("decode_tok_s")), _fmt(llama.get("decode_tok_s")),
+          _fmt(ratios.get("api_decode_vs_llamacpp"), "x")],
+         ["512-token prefill tok/s", _fmt(prefill.get("tok_s")), _fmt(llama.get("prefill_tok_s")),
+          _fmt(ratios.get("prefill_vs_llamacpp"), "x")],
+         ["load s (started service / llama.cpp)", _fmt(loads["warm"].get("started_to_first_token_s")),
+          _fmt(llama.get("load_s")), _fmt(ratios.get("warm_load_running_vs_llamacpp_load"), "x")]]))
     verdict = {True: "PASS", False: "FAIL", None: "—"}
     target_rows = [[t["name"], _fmt(t["measured"]), t["limit"], verdict[t["pass"]]] for t in r["targets"]]
     parts.append("\nTargets\n" + _rows(["target", "measured", "limit", "result"], target_rows))

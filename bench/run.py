@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm-runs", type=int, help="warm-load processes, median taken (2; --quick 1)")
     parser.add_argument("--work-dir", type=Path, help="where data dirs go (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
+    parser.add_argument("--llamacpp-python", default=sys.executable,
+                        help="a Python with llama-cpp-python installed, for the llama.cpp anchor (default: this "
+                             "one; skipped with a note where it cannot import llama_cpp)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.tokens = args.tokens or (16 if quick else 64)
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if not args.keep and not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
+    meta["model_file_mib"] = results.pop("model_file_mib", None)
     meta["load_avg_end"] = list(os.getloadavg())
     meta["duration_s"] = round(time.perf_counter() - began, 1)
     if max(meta["load_avg_start"][0], meta["load_avg_end"][0]) > 0.5 * meta["machine"]["nproc"]:
@@ -127,7 +131,10 @@ def run_all(args, work: Path, notes: list[str]) -> dict:
         baseline_load = loads.measure_load(["baseline", str(gguf)], timeout_s=900)
     prepare_data_dir(main_dir, cold_dir, gguf)
     served = serve(args, main_dir, gguf, notes)
+    anchor = measure_llamacpp(args, gguf, notes)
     return {
+        "model_file_mib": round(gguf.stat().st_size / 2**20, 1),
+        "llamacpp": anchor,
         "baseline": {**served.pop("baseline"), "load_skipped": baseline_load is None, "load": baseline_load,
                      "load_to_first_token_s": (baseline_load or {}).get("start_to_first_token_s")},
         **served,
@@ -146,6 +153,7 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
     try:
         running.service.load_model(MODEL_ID)
         single = measure_single(args, running)
+        single["prefill"] = measure_prefill(running)
         concurrency = {}
         for level in args.levels:
             step(f"{level} concurrent /v1 session(s), {args.concurrent_tokens} tokens each")
@@ -168,14 +176,16 @@ def measure_single(args, running) -> dict:
     import torch
 
     from bench.baseline import Baseline
-    from models.loader import checkpoint_dir
+    from models.gguf_file import read_header
+    from models.loader import prepare_checkpoint
 
     service = running.service
     messages = [{"role": "user", "content": SINGLE_PROMPT}]
     with service.manager.use(MODEL_ID) as lm:
         prompt_ids = lm.render_chat(messages)
-        folder = checkpoint_dir(service.config.cache_dir, service.catalog.get(MODEL_ID).path, torch.bfloat16)
         device = lm.device
+    header = read_header(service.catalog.get(MODEL_ID).path)
+    folder = prepare_checkpoint(header, service.config.cache_dir, torch.bfloat16, "dense")  # the exact weights
     step(f"baseline model from {folder.name} (bfloat16)")
     baseline = Baseline(folder, device)
     runs: dict[str, list[StreamTiming]] = {"baseline": [], "engine": [], "api": [], "engine_sampled": []}
@@ -196,6 +206,52 @@ def measure_single(args, running) -> dict:
     gc.collect()
     result = {name: summarize_single(timings) for name, timings in runs.items()}
     result["baseline"]["prompt_tokens"] = len(prompt_ids)
+    return result
+
+
+PREFILL_TOKENS = 512
+
+
+def measure_prefill(running) -> dict:
+    """One 512-token prompt fed in one forward (what the batcher does for a prompt of that length),
+    best of two: the figure llama.cpp's prefill is compared with."""
+    import torch
+
+    from bench.llamacpp import PREFILL_TOKENS as LLAMA_PREFILL
+    from inference import kv
+
+    assert LLAMA_PREFILL == PREFILL_TOKENS
+    step(f"prefill of {PREFILL_TOKENS} tokens in one forward")
+    with running.service.manager.use(MODEL_ID) as lm:
+        ids = lm.encode(PREFILL_TEXT)[:PREFILL_TOKENS]
+        batch = torch.tensor([ids], device=lm.device)
+        times = []
+        for _ in range(2):
+            began = time.perf_counter()
+            with torch.inference_mode():
+                lm.model(input_ids=batch, cache=kv.new_cache(), use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - began)
+    return {"tokens": len(ids), "seconds": round(min(times), 3), "tok_s": round(len(ids) / min(times), 1)}
+
+
+PREFILL_TEXT = "The river town woke slowly on market days. " * 100
+
+
+def measure_llamacpp(args, gguf: Path, notes: list[str]) -> dict | None:
+    """llama.cpp on the same file and thread count, in a child process (bench/llamacpp.py)."""
+    import torch
+
+    from bench import llamacpp
+
+    if not llamacpp.available(args.llamacpp_python):
+        notes.append(f"llama.cpp anchor skipped: {args.llamacpp_python} cannot import llama_cpp "
+                     "(see bench/llamacpp.py for how to install it)")
+        return None
+    step(f"llama.cpp anchor (llama-cpp-python, {torch.get_num_threads()} threads, same file)")
+    result = llamacpp.run_child(args.llamacpp_python, gguf, torch.get_num_threads(), args.tokens, SINGLE_PROMPT,
+                                PREFILL_TEXT)
+    if "error" in result:
+        notes.append(f"llama.cpp anchor failed: {result['error']}")
     return result
 
 
@@ -281,7 +337,7 @@ def describe_machine(args, notes: list[str]) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"nproc": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                    "cpu_model": cpu, "platform": platform.platform()},
+                    "cpu_model": cpu, "platform": platform.platform(), "cpu_flags": cpu_flags()},
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(), "device": device, "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain")), "model_id": MODEL_ID, "quick": args.quick,
@@ -291,6 +347,15 @@ def describe_machine(args, notes: list[str]) -> dict:
                      "prompt": SINGLE_PROMPT},
         "load_avg_start": list(os.getloadavg()), "notes": notes,
     }
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide the kernels (models/qlinear.py): native bfloat16, AMX, VNNI, AVX2."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx_vnni"})
 
 
 def git(*args: str) -> str:

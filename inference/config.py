@@ -92,6 +92,7 @@ class AppConfig:
     batching: bool = True  # continuous batching of concurrent generations per model
     prefix_cache: bool = True  # reuse a session's KV cache across turns
     prefix_cache_bytes: int = 256 * 2**20
+    weights: str = "auto"  # "auto" | "quantized" | "dense": how GGUF weights are held (models/loader.py)
 
     @property
     def models_dir(self) -> Path:
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not reuse a session's KV cache across turns")
     parser.add_argument("--max-context", type=int, default=8192,
                         help="cap on the context window served, in tokens (bounds KV-cache memory)")
+    parser.add_argument("--weights", choices=("auto", "quantized", "dense"), default=env.get("LLM_WEIGHTS", "auto"),
+                        help="quantized: keep the GGUF's 4-8 bit blocks in memory and multiply with int4/int8 "
+                             "CPU kernels; dense: dequantize to bfloat16/float16 (the exact path; CUDA always); "
+                             "auto: quantized on the CPU, dense on CUDA (env LLM_WEIGHTS)")
     return parser
 
 
@@ -164,5 +169,5 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         max_prompt_chars=max(1, args.max_prompt_chars),
         max_upload_bytes=args.max_upload, max_files_per_session=max(1, args.max_files),
         parse_timeout_s=args.parse_timeout or 120.0, max_context=max(256, args.max_context),
-        batching=args.batching, prefix_cache=args.prefix_cache,
+        batching=args.batching, prefix_cache=args.prefix_cache, weights=args.weights,
     )

@@ -294,12 +294,8 @@ def _pieces(slot: WeightSlot) -> list[tuple[int, int]]:
     return [(first, min(first + step, rows)) for first in range(0, rows, step)] or [(0, 0)]
 
 
-def _piece_bytes(header: GGUFHeader, plan: WeightPlan, slot: WeightSlot, rows: tuple[int, int],
-                 dtype: torch.dtype) -> np.ndarray:
-    """Rows `rows` of `slot` dequantized, fixed up if needed, and converted to `dtype`, as bytes."""
-    from gguf import quants
-
-    info = slot.source
+def read_rows(header: GGUFHeader, info: TensorInfo, rows: tuple[int, int]) -> np.ndarray:
+    """The raw bytes of rows `rows` (first, last) of a GGUF tensor, as uint8."""
     _, block, block_bytes = GGML_TYPES[info.ggml_type]
     row_length = info.shape[0] if info.shape else 1
     if row_length % block:
@@ -311,8 +307,18 @@ def _piece_bytes(header: GGUFHeader, plan: WeightPlan, slot: WeightSlot, rows: t
         raw = source.read((last - first) * row_bytes)
     if len(raw) != (last - first) * row_bytes:
         raise GGUFError(f"{header.path.name} is truncated: tensor {info.name} runs past the end of the file")
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def _piece_bytes(header: GGUFHeader, plan: WeightPlan, slot: WeightSlot, rows: tuple[int, int],
+                 dtype: torch.dtype) -> np.ndarray:
+    """Rows `rows` of `slot` dequantized, fixed up if needed, and converted to `dtype`, as bytes."""
+    from gguf import quants
+
+    info = slot.source
+    raw = read_rows(header, info, rows)
     try:
-        weights = quants.dequantize(np.frombuffer(raw, dtype=np.uint8), info.ggml_type)  # flat: one numpy pass
+        weights = quants.dequantize(raw, info.ggml_type)  # flat: one numpy pass
     except (NotImplementedError, ValueError) as error:
         raise UnsupportedModel(f"cannot dequantize {info.name} ({info.type_name}): {error}") from error
     if slot.fix_up:
@@ -428,9 +434,11 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
-                          progress: ProgressFn | None = None) -> Path:
+                          progress: ProgressFn | None = None, quantized: bool = False) -> Path:
     """Write config, tokenizer and `model.safetensors` for `header` into `out_dir`, atomically.
 
+    `quantized`: keep the GGUF's quantized matrices in the CPU kernels' layouts
+    (models/quant_checkpoint.py) instead of dequantizing them to `dtype`.
     The folder appears complete or not at all: it is written beside its final name and renamed.
     """
     # Import on this thread first: transformers' lazy module is not safe to import from two at once.
@@ -447,11 +455,16 @@ def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
         # The tokenizer (mostly Python) builds and saves on a second thread while numpy converts the weights.
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(lambda: save_tokenizer(*build_tokenizer(header), staging))
-            write_weights(header, config, dtype, staging / "model.safetensors", progress)
+            if quantized:
+                from .quant_checkpoint import write_quantized_weights
+
+                write_quantized_weights(header, config, staging / "model.safetensors", progress)
+            else:
+                write_weights(header, config, dtype, staging / "model.safetensors", progress)
             tokenizer.result()
         config.save_pretrained(staging)
         (staging / "source.json").write_text(json.dumps({
-            "gguf": str(header.path), "dtype": str(dtype).removeprefix("torch."),
+            "gguf": str(header.path), "dtype": str(dtype).removeprefix("torch."), "quantized": quantized,
             "seconds": round(time.perf_counter() - started, 2),
         }))
         if out_dir.exists():

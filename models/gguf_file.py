@@ -125,10 +125,25 @@ class GGUFHeader:
     def n_parameters(self) -> int:
         return sum(t.n_elements for t in self.tensors)
 
-    def estimate_memory(self, bytes_per_param: int = 2) -> int:
-        """Bytes the dequantized weights take, plus a working margin (KV cache, activations)."""
-        weights = self.n_parameters * bytes_per_param
+    def estimate_memory(self, bytes_per_param: float | None = 2) -> int:
+        """Bytes the weights take, plus a working margin (KV cache, activations).
+
+        `bytes_per_param`: of the dequantized weights; None for weights kept quantized on the CPU
+        (int4 where the blocks are Q4_0/Q4_1/Q4_K, int8 for other matrices, float32 vectors).
+        """
+        if bytes_per_param is None:
+            weights = sum(_quantized_bytes(t) for t in self.tensors)
+        else:
+            weights = self.n_parameters * bytes_per_param
         return int(weights * 1.15) + 64 * 1024 * 1024
+
+
+def _quantized_bytes(tensor: TensorInfo) -> float:
+    if len(tensor.shape) < 2:
+        return 4.0 * tensor.n_elements
+    if tensor.type_name in ("Q4_0", "Q4_1", "Q4_K"):
+        return tensor.n_elements * (0.5 + 8 / 32)  # nibbles, then a float32 scale and zero per 32
+    return tensor.n_elements * 1.0 + 4 * (tensor.n_elements // tensor.shape[0])
 
 
 class _Cursor:

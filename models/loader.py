@@ -23,6 +23,7 @@ import torch
 from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .gguf_file import GGUFHeader, read_header
+from .quant_checkpoint import load_quantized_model
 from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 DEFAULT_MAX_CONTEXT = 8192  # cap on the context we serve, to bound KV-cache memory on small machines
 QUANTIZATIONS = ("none", "8bit", "4bit")
+WEIGHTS = ("auto", "quantized", "dense")
+QUANT_FORMAT = 1  # version of the quantized cache layout (models/quant_checkpoint.py)
 
 
 class LoadError(RuntimeError):
@@ -41,6 +44,9 @@ class LoadOptions:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" | "bfloat16" | "float16" | "float32"
     quantization: str = "none"  # "none" | "8bit" | "4bit" (bitsandbytes, CUDA only)
+    # "quantized": keep the GGUF's quantized blocks (int4/int8 CPU kernels); "dense": dequantize to
+    # `dtype` (the exact path); "auto": quantized on the CPU, dense on CUDA.
+    weights: str = "auto"
     max_context: int = DEFAULT_MAX_CONTEXT
 
 
@@ -58,6 +64,7 @@ class LoadedModel:
     stop_token_ids: frozenset[int]
     memory_bytes: int
     load_seconds: float = 0.0
+    weights: str = "dense"  # "quantized" | "dense": how the weights are held
     runtime: dict = field(default_factory=dict)  # engine state that lives and dies with these weights
 
     def render_chat(self, messages: list[dict]) -> list[int]:
@@ -93,6 +100,16 @@ def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16
+
+
+def activation_dtype(preference: str = "auto") -> torch.dtype:
+    """Activations of a quantized model: bfloat16 where the CPU has it natively, else float32
+    (the int4/int8 kernels take bfloat16 inputs either way; see models/qlinear.py)."""
+    if preference != "auto":
+        return pick_dtype(torch.device("cpu"), preference)
+    from .qlinear import compute_dtype
+
+    return compute_dtype()
 
 
 def bytes_per_param(dtype: torch.dtype, quantization: str = "none") -> float:
@@ -145,9 +162,27 @@ def _folder_lock(folder: Path) -> threading.Lock:
         return _folder_locks.setdefault(str(folder), threading.Lock())
 
 
-def checkpoint_dir(cache_root: Path, gguf_path: Path, dtype: torch.dtype) -> Path:
+def checkpoint_dir(cache_root: Path, gguf_path: Path, dtype: torch.dtype, weights: str = "dense") -> Path:
+    """The cache folder of one file's conversion: dense in `dtype`, or quantized in this machine's
+    packed int4 layout (the folder name carries its fingerprint)."""
     digest = file_digest(gguf_path, cache_root / "digests.json")
+    if weights == "quantized":
+        from .qlinear import int4_layout_tag
+
+        return cache_root / "converted" / f"{digest[:24]}-q{QUANT_FORMAT}-{int4_layout_tag()}"
     return cache_root / "converted" / f"{digest[:24]}-{str(dtype).removeprefix('torch.')}"
+
+
+def pick_weights(device: torch.device, options: LoadOptions) -> str:
+    """"quantized" or "dense" for this load; quantized weights need the CPU kernels."""
+    if options.weights not in WEIGHTS:
+        raise LoadError(f"unknown weights {options.weights!r}; use one of {', '.join(WEIGHTS)}")
+    if options.weights == "quantized" and device.type != "cpu":
+        raise LoadError("quantized GGUF weights run on the CPU kernels; on CUDA use weights=dense "
+                        "(and quantization=8bit|4bit for bitsandbytes)")
+    if options.weights == "auto":
+        return "quantized" if device.type == "cpu" and options.quantization == "none" else "dense"
+    return options.weights
 
 
 def import_model_code() -> float:
@@ -210,6 +245,24 @@ def stop_ids(tokenizer, chat_format: ChatFormat) -> frozenset[int]:
     return frozenset(ids)
 
 
+def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype, weights: str,
+                       progress: ProgressFn | None = None) -> Path:
+    """The cached checkpoint folder of `header`'s file, converted first if missing or damaged."""
+    report = progress or (lambda fraction, message: None)
+    folder = checkpoint_dir(cache_root, header.path, dtype, weights)
+    with _folder_lock(folder):  # a second load of the same file waits for the first conversion
+        problem = checkpoint_problem(folder)
+        if problem:
+            if folder.exists():
+                log.warning("rebuilding the cached checkpoint %s: %s", folder, problem)
+                report(0.0, "rebuilding a damaged conversion cache")
+            else:
+                report(0.0, "converting the GGUF file (first load only)")
+            convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m),
+                                  quantized=weights == "quantized")
+    return folder
+
+
 def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOptions(),
                progress: ProgressFn | None = None, header: GGUFHeader | None = None) -> LoadedModel:
     """Load `gguf_path`, converting it first if no cached checkpoint exists. Raises `LoadError`."""
@@ -220,24 +273,19 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     header = header or read_header(gguf_path)
     chat_format = chat_format_for(header.architecture, header.chat_template)
     device = pick_device(options.device)
-    dtype = pick_dtype(device, options.dtype)
-    folder = checkpoint_dir(cache_root, gguf_path, dtype)
-    with _folder_lock(folder):  # a second load of the same file waits for the first conversion
-        problem = checkpoint_problem(folder)
-        if problem:
-            if folder.exists():
-                log.warning("rebuilding the cached checkpoint %s: %s", folder, problem)
-                report(0.0, "rebuilding a damaged conversion cache")
-            else:
-                report(0.0, "converting the GGUF file (first load only)")
-            convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m))
+    weights = pick_weights(device, options)
+    dtype = pick_dtype(device, options.dtype) if weights == "dense" else activation_dtype(options.dtype)
+    folder = prepare_checkpoint(header, cache_root, dtype, weights, report)
     report(0.9, "loading weights")
     # transformers' lazy module is not safe to import from two threads at once: import first.
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         tokenizer_future = pool.submit(load_tokenizer, folder)
-        model = load_weights(folder, device, dtype, options.quantization)
+        if weights == "quantized":
+            model = load_quantized_model(folder, dtype)
+        else:
+            model = load_weights(folder, device, dtype, options.quantization)
         tokenizer = tokenizer_future.result()
     memory = sum(p.numel() * p.element_size() for p in model.parameters())
     memory += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -248,5 +296,5 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         model=model, tokenizer=tokenizer, chat_format=chat_format, context_length=context,
         device=device, dtype=dtype, architecture=header.architecture,
         stop_token_ids=stop_ids(tokenizer, chat_format), memory_bytes=memory,
-        load_seconds=time.perf_counter() - started,
+        load_seconds=time.perf_counter() - started, weights=weights,
     )

@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 from .catalog import Catalog, ModelSpec
 from .download import DownloadError, ensure_local
 from .gguf_file import GGUFError, read_header
-from .loader import LoadedModel, LoadError, LoadOptions, bytes_per_param, load_model, pick_device, pick_dtype
+from .loader import (LoadedModel, LoadError, LoadOptions, bytes_per_param, load_model, pick_device, pick_dtype,
+                     pick_weights)
 from .templates import UnknownArchitecture
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,10 @@ class ModelManager:
         return 0 if header is None else self._estimate_header(header)
 
     def _estimate_header(self, header) -> int:
-        dtype = pick_dtype(pick_device(self.options.device), self.options.dtype)
+        device = pick_device(self.options.device)
+        if pick_weights(device, self.options) == "quantized":
+            return header.estimate_memory(None)
+        dtype = pick_dtype(device, self.options.dtype)
         return header.estimate_memory(bytes_per_param(dtype, self.options.quantization))
 
     def _entry(self, model_id: str, spec: ModelSpec | None = None) -> _Entry:

@@ -236,13 +236,54 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# A Q4_K_M-like mix by GGUF tensor role (`weight_types="mixed"`): what llama.cpp's Q4_K_M puts where.
+MIXED_TYPES = {
+    "token_embd": "Q8_0", "output": "Q4_0", "attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K",
+    "attn_output": "Q5_0", "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
+}
+# Types gguf-py can quantize; the K-quants are written as random valid blocks (random weights anyway).
+_NUMPY_QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def random_blocks(rng: np.random.Generator, type_name: str, rows: int, cols: int) -> np.ndarray:
+    """Random valid Q4_K / Q6_K blocks for a [rows, cols] matrix (weights of magnitude ~0.02)."""
+    qtype = GGMLQuantizationType[type_name]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    n = rows * cols // block
+    raw = rng.integers(0, 256, size=(n, block_bytes), dtype=np.uint8)
+    if type_name == "Q4_K":  # d, dmin (half floats) first: w = d * sc * q - dmin * m
+        raw[:, 0:2] = np.full(n, 0.04 / (63 * 15), np.float16).view(np.uint8).reshape(n, 2)
+        raw[:, 2:4] = np.full(n, 0.02 / 63 / 63, np.float16).view(np.uint8).reshape(n, 2)
+    elif type_name == "Q6_K":  # d (half float) last: w = d * scale * (q - 32)
+        raw[:, -2:] = np.full(n, 0.02 / (32 * 64), np.float16).view(np.uint8).reshape(n, 2)
+    else:
+        raise ValueError(f"no random-block writer for {type_name}")
+    return raw.reshape(rows, cols // block * block_bytes)
+
+
 class _Tensors:
-    def __init__(self, writer: GGUFWriter, quantize: bool):
-        self.writer, self.quantize = writer, quantize
+    def __init__(self, writer: GGUFWriter, quantize: bool, types: dict | None = None,
+                 rng: np.random.Generator | None = None):
+        self.writer, self.quantize, self.types, self.rng = writer, quantize, types or {}, rng
+
+    def _type_for(self, name: str, cols: int) -> str | None:
+        role = name.split(".")[-2]
+        wanted = self.types.get(role)
+        if wanted is None:
+            return None
+        block = gguf.GGML_QUANT_SIZES[GGMLQuantizationType[wanted]][0]
+        return wanted if cols % block == 0 else "Q8_0" if cols % 32 == 0 else None
 
     def matrix(self, name: str, w: np.ndarray, *, f16: bool = False) -> None:
         w = np.ascontiguousarray(w, dtype=np.float32)
-        if not self.quantize:
+        wanted = self._type_for(name, w.shape[-1])
+        if wanted in _NUMPY_QUANTS:
+            qtype = GGMLQuantizationType[wanted]
+            self.writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        elif wanted is not None:
+            raw = random_blocks(self.rng, wanted, *w.shape)
+            self.writer.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[wanted])
+        elif not self.quantize:
             self.writer.add_tensor(name, w)
         elif not f16 and w.shape[-1] % 32 == 0:
             q = gguf.quants.quantize(w, GGMLQuantizationType.Q8_0)
@@ -266,6 +307,7 @@ def write_tiny_gguf(
     kv_heads: int = 2,
     ffn: int = 128,
     quantize: bool = True,
+    weight_types: str | dict | None = None,
     chat_template: str | None = None,
     name: str | None = None,
 ) -> pathlib.Path:
@@ -274,7 +316,10 @@ def write_tiny_gguf(
     `path` is the file to write, or an existing directory (the file is then `tiny-{arch}.gguf`).
     Same arguments -> byte-identical file. With `quantize`, 2-D weights whose rows are a multiple
     of 32 are Q8_0, token_embd / output (and any other matrix) are F16, norms and biases F32;
-    without it everything is F32.
+    without it everything is F32. `weight_types` overrides the type per tensor role (`attn_q`,
+    `ffn_down`, `token_embd`, ...; "mixed" = `MIXED_TYPES`): Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 quantize the
+    random weights, Q4_K/Q6_K are random valid blocks; a role whose rows do not fit the type's block
+    falls back to Q8_0.
     """
     _check_arch(arch)
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
@@ -345,7 +390,8 @@ def write_tiny_gguf(
             writer.add_chat_template(chat_template)
 
         # ---- tensors (generated in HF layout, then converted the way llama.cpp does)
-        t = _Tensors(writer, quantize)
+        types = MIXED_TYPES if weight_types == "mixed" else weight_types
+        t = _Tensors(writer, quantize, types, np.random.default_rng(seed + 1))
         t.matrix("token_embd.weight", rand(n_vocab, hidden), f16=True)
         for i in range(layers):
             b = f"blk.{i}"

@@ -8,7 +8,7 @@ import torch
 from models.convert import checkpoint_problem
 from models.loader import LoadOptions, checkpoint_dir, load_model
 
-OPTIONS = LoadOptions(dtype="float32")
+WEIGHTS = ("dense", "quantized")  # both conversion caches: dequantized, and kept in the CPU kernels' layouts
 
 
 def first_logits(lm) -> torch.Tensor:
@@ -33,20 +33,23 @@ DAMAGE = {
 }
 
 
-@pytest.fixture()
-def converted(tiny_models, tmp_path):
+@pytest.fixture(params=WEIGHTS)
+def converted(tiny_models, tmp_path, request):
     gguf = tiny_models["llama"]
-    lm = load_model(gguf, tmp_path, OPTIONS)
-    folder = checkpoint_dir(tmp_path, gguf, torch.float32)
-    return gguf, tmp_path, folder, first_logits(lm)
+    options = LoadOptions(dtype="float32", weights=request.param)
+    lm = load_model(gguf, tmp_path, options)
+    folder = checkpoint_dir(tmp_path, gguf, torch.float32, request.param)
+    logits = first_logits(lm)
+    del lm  # a quantized model maps its cache file, which the tests below damage
+    return gguf, tmp_path, folder, logits, options
 
 
 def test_a_fresh_conversion_is_complete_and_reused_as_is(converted):
-    gguf, cache, folder, logits = converted
+    gguf, cache, folder, logits, options = converted
     assert checkpoint_problem(folder) is None
     written = (folder / "model.safetensors").stat().st_mtime_ns
     messages = []
-    lm = load_model(gguf, cache, OPTIONS, progress=lambda fraction, message: messages.append(message))
+    lm = load_model(gguf, cache, options, progress=lambda fraction, message: messages.append(message))
     assert (folder / "model.safetensors").stat().st_mtime_ns == written
     assert not any("convert" in m or "rebuild" in m for m in messages)
     assert torch.equal(first_logits(lm), logits)
@@ -54,11 +57,11 @@ def test_a_fresh_conversion_is_complete_and_reused_as_is(converted):
 
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
 def test_a_damaged_conversion_is_rebuilt_on_the_next_load(converted, damage, caplog):
-    gguf, cache, folder, logits = converted
+    gguf, cache, folder, logits, options = converted
     damage(folder)
     assert checkpoint_problem(folder)
     messages = []
-    lm = load_model(gguf, cache, OPTIONS, progress=lambda fraction, message: messages.append(message))
+    lm = load_model(gguf, cache, options, progress=lambda fraction, message: messages.append(message))
     assert "rebuilding a damaged conversion cache" in messages
     assert "rebuilding the cached checkpoint" in caplog.text
     assert checkpoint_problem(folder) is None

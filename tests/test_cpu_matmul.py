@@ -14,7 +14,7 @@ from models.loader import LoadOptions, load_model
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def lm(request, tiny_models, model_cache):
-    return load_model(tiny_models[request.param], model_cache, LoadOptions(dtype="bfloat16"))
+    return load_model(tiny_models[request.param], model_cache, LoadOptions(dtype="bfloat16", weights="dense"))
 
 
 def test_the_loader_routes_wide_inputs_only_where_bf16_is_emulated(lm):

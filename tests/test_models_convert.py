@@ -19,7 +19,7 @@ from models.gguf_file import read_header
 from models.loader import LoadError, LoadOptions, checkpoint_dir, file_digest, load_model
 from models.templates import UnknownArchitecture
 
-F32 = LoadOptions(dtype="float32")
+F32 = LoadOptions(dtype="float32", weights="dense")  # this file checks the dense conversion
 TEXTS = [
     "Hello world, the quick brown fox.",
     "héllo wörld, çà et là, Ærø, naïve café",
@@ -124,7 +124,7 @@ def test_other_dtype_gets_its_own_folder(tmp_path, tiny_models):
     gguf = shutil.copy(tiny_models["gemma3"], tmp_path / "model.gguf")
     cache = tmp_path / "cache"
     f32 = load_model(gguf, cache, F32)
-    bf16 = load_model(gguf, cache, LoadOptions(dtype="bfloat16"))
+    bf16 = load_model(gguf, cache, LoadOptions(dtype="bfloat16", weights="dense"))
     assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
     assert bf16.memory_bytes < f32.memory_bytes
     assert len(list((cache / "converted").iterdir())) == 2
@@ -248,10 +248,11 @@ def test_concurrent_loads_leave_transformers_as_they_were(tmp_path, tiny_models,
     """transformers patches globals while it builds a model; parallel loads must not leave them patched."""
     from transformers import PreTrainedModel
 
-    jobs = [(tiny_models["gemma3"], model_cache, LoadOptions(dtype="bfloat16")),
+    jobs = [(tiny_models["gemma3"], model_cache, LoadOptions(dtype="bfloat16", weights="dense")),
             (tiny_models["llama"], model_cache, F32),
-            (tiny_models["qwen2"], model_cache, LoadOptions(dtype="bfloat16")),
-            (tiny_models["gemma3"], model_cache, F32)]
+            (tiny_models["qwen2"], model_cache, LoadOptions(dtype="bfloat16", weights="dense")),
+            (tiny_models["gemma3"], model_cache, F32),
+            (tiny_models["gemma3"], model_cache, LoadOptions(weights="quantized"))]
     for _ in range(2):
         _load_in_threads(jobs)
     assert PreTrainedModel.tie_weights.__qualname__ == "PreTrainedModel.tie_weights"  # not transformers' no-op

@@ -1,0 +1,181 @@
+"""Linear layers and embeddings whose weights stay quantized in memory, on torch's CPU kernels.
+
+The one seam between a transformers model and the kernels: `quantize_modules` swaps each
+`nn.Linear` (and the token embedding) for the module below that matches how its weight is
+stored, and leaves the model code alone.
+
+- `Int4Linear`: `torch._weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero each.
+- `Int8Linear`: `torch._weight_int8pack_mm`, one scale per output row.
+- `Int8Embedding`: looks rows up in the int8 table and scales them; it shares its table with the
+  output projection when the model ties the two (Gemma), so the largest matrix is held once.
+
+The kernels take bfloat16 inputs and scales on every CPU: on an AVX2-only CPU they are 5-15x
+slower with float32 inputs (bench/RESULTS.md). The rest of the model (norms, attention, the
+residual stream) runs in `compute_dtype`: bfloat16 where the CPU multiplies it natively
+(AVX512-BF16, AMX), float32 elsewhere, where bfloat16 arithmetic is emulated and slower.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cpu_matmul import cpu_has_native_bf16
+
+GROUP = 32
+KERNEL_DTYPE = torch.bfloat16  # what the int4/int8 kernels read: inputs, scales, outputs
+
+
+def compute_dtype() -> torch.dtype:
+    """The activation dtype of quantized models on this CPU."""
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def int4_layout_tag() -> str:
+    """A short fingerprint of torch's packed int4 layout on this machine.
+
+    The packed layout is torch's own and may differ between CPU kinds or torch versions; the
+    conversion cache stores packed weights, so its folder name carries this tag.
+    """
+    import hashlib
+
+    probe = (torch.arange(64 * 64, dtype=torch.int32).reshape(64, 64) * 7) % 16
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return hashlib.sha256(packed.numpy().tobytes()).hexdigest()[:8]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [out, in] -> torch's packed int4 layout for the CPU kernel."""
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+def int4_scales_zeros(scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """[out, in/32] scales and mins of `w = scale * q - min` -> the kernel's [in/32, out, 2].
+
+    The kernel computes `(q - 8) * scale + zero`, so zero = 8 * scale - min.
+    """
+    zero = 8 * scale - low
+    return torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+
+
+def _flat(x: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:
+    x = x.reshape(-1, features)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return x.contiguous()
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    y = y.reshape(*x.shape[:-1], features).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W in torch's packed int4 layout, group size 32."""
+
+    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, scales_zeros: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _flat(x, self.in_features, self.scales_zeros.dtype)
+        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+        return _finish(y, x, self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b) with W int8 and one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, q: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _flat(x, self.in_features, self.scale.dtype)
+        y = torch._weight_int8pack_mm(flat, self.q, self.scale)
+        return _finish(y, x, self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding from an int8 table with one scale per row (times `embed_scale`, as Gemma's)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, embed_scale: float | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.q[input_ids].to(self.dtype) * self.scale[input_ids].unsqueeze(-1).to(self.dtype)
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Fill a model built on the meta device from a quantized checkpoint's `tensors`.
+
+    Each `nn.Linear` whose weight is stored as int4 or int8 becomes an `Int4Linear` /
+    `Int8Linear`, the token embedding an `Int8Embedding`, a tied output projection shares the
+    embedding's table, and every other parameter is set from its float32 tensor in `dtype`.
+    Raises `ValueError` if anything the model needs is missing from `tensors`.
+    """
+    def small(name: str, to: torch.dtype = dtype) -> torch.Tensor:  # scales, vectors: converted (copied)
+        return tensors[name].to(to).contiguous()
+
+    embedding = None
+    for module_name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{module_name}.{child_name}" if module_name else child_name
+            weight = full + ".weight"
+            bias = small(full + ".bias") if full + ".bias" in tensors else None
+            if isinstance(child, nn.Linear) and weight + ".packed" in tensors:
+                scales_zeros = tensors[weight + ".scales_zeros"].transpose(0, 1).to(KERNEL_DTYPE).contiguous()
+                new = Int4Linear(child.in_features, child.out_features, tensors[weight + ".packed"], scales_zeros, bias)
+            elif isinstance(child, nn.Linear) and weight + ".q" in tensors:
+                new = Int8Linear(child.in_features, child.out_features, tensors[weight + ".q"],
+                                 small(weight + ".scale", KERNEL_DTYPE), bias)
+            elif isinstance(child, nn.Embedding) and weight + ".q" in tensors:
+                scale = getattr(child, "embed_scale", None)
+                new = embedding = Int8Embedding(tensors[weight + ".q"], small(weight + ".scale", KERNEL_DTYPE),
+                                                None if scale is None else float(scale), dtype)
+            else:
+                continue
+            setattr(module, child_name, new)
+    _tie_output(model, tensors, embedding)
+    for name, param in list(model.named_parameters()):
+        if name not in tensors:
+            raise ValueError(f"the quantized checkpoint lacks {name}")
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(small(name), requires_grad=False))
+    left = [name for name, buffer in model.named_buffers() if buffer is not None and buffer.is_meta]
+    if left:
+        raise ValueError(f"the quantized checkpoint left {left[0]} unset")
+
+
+def _tie_output(model: nn.Module, tensors: dict, embedding: Int8Embedding | None) -> None:
+    """A model without its own output weights projects with the embedding table (Gemma, tied llama)."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear) or "lm_head.weight.q" in tensors or "lm_head.weight.packed" in tensors:
+        return
+    if embedding is None:
+        raise ValueError("the quantized checkpoint has neither an output projection nor an embedding table")
+    model.lm_head = Int8Linear(head.in_features, head.out_features, embedding.q, embedding.scale)

@@ -1,0 +1,107 @@
+"""GGUF weight blocks turned into the layouts torch's CPU kernels read, in numpy.
+
+Two layouts, both per output row (so rows can be converted a few at a time and permuted freely):
+
+- **int4, groups of 32** (`Int4Rows`): `w = scale * q - min`, q in 0..15, one (scale, min) per 32
+  weights. Q4_0, Q4_1 and Q4_K blocks are exactly of this form (Q4_K: 8 sub-blocks of 32 with 6-bit
+  scales and mins under a half-float super-scale), so they repack without any rounding: the values
+  below are bit for bit what gguf's own dequantization computes (tests check it).
+- **int8, one scale per row** (`Int8Rows`): every other type (Q5_0, Q6_K, Q8_0, F16, ...) is
+  dequantized and rounded to int8 with `scale = max|w| / 127` per row. That is a second rounding,
+  far finer than the 5-6 bit blocks it comes from; the quality gate in the tests measures it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf_file import GGML_TYPES
+
+GROUP = 32  # weights sharing one scale and min in the int4 layout (torch's group size)
+INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+
+
+@dataclass
+class Int4Rows:
+    """Rows of an int4 weight."""
+
+    q: np.ndarray  # uint8 [rows, cols], values 0..15
+    scale: np.ndarray  # float32 [rows, cols // 32]
+    min: np.ndarray  # float32 [rows, cols // 32]
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [rows, cols], computed as gguf computes it: scale * q - min."""
+        values = self.q.astype(np.float32)
+        rows, cols = values.shape
+        grouped = values.reshape(rows, cols // GROUP, GROUP)
+        return (self.scale[..., None] * grouped - self.min[..., None]).reshape(rows, cols)
+
+
+@dataclass
+class Int8Rows:
+    q: np.ndarray  # int8 [rows, cols]
+    scale: np.ndarray  # float32 [rows]
+
+    def dequantize(self) -> np.ndarray:
+        return self.q.astype(np.float32) * self.scale[:, None]
+
+
+def type_name(ggml_type: int) -> str:
+    return GGML_TYPES[ggml_type][0]
+
+
+def is_int4_exact(ggml_type: int) -> bool:
+    """Whether blocks of this type repack into the int4 layout without rounding."""
+    return type_name(ggml_type) in INT4_TYPES
+
+
+def int4_rows(raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> Int4Rows:
+    """Repack `rows` rows of Q4_0 / Q4_1 / Q4_K blocks (raw bytes) into the int4 layout, exactly."""
+    name, block, block_bytes = GGML_TYPES[ggml_type]
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows * cols // block, block_bytes)
+    if name == "Q4_K":
+        q, scale, low = _q4_k(blocks)
+    elif name == "Q4_0":
+        d = _halves(blocks[:, 0:2])
+        q, scale, low = _q4_32(blocks[:, 2:]), d, 8 * d  # d * (q - 8)
+    elif name == "Q4_1":
+        d, m = _halves(blocks[:, 0:2]), _halves(blocks[:, 2:4])
+        q, scale, low = _q4_32(blocks[:, 4:]), d, -m  # d * q + m
+    else:
+        raise ValueError(f"{name} blocks are not int4 groups")
+    groups = cols // GROUP
+    return Int4Rows(q.reshape(rows, cols), scale.reshape(rows, groups).astype(np.float32),
+                    low.reshape(rows, groups).astype(np.float32))
+
+
+def _halves(two_bytes: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(two_bytes).view(np.float16).astype(np.float32).reshape(-1)
+
+
+def _q4_32(qs: np.ndarray) -> np.ndarray:
+    """The 32 values of each 16-byte nibble block: low nibbles are values 0..15, high ones 16..31."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+
+
+def _q4_k(blocks: np.ndarray):
+    """Q4_K super-blocks of 256: (values, per-32 scale, per-32 min) with w = scale * q - min."""
+    from gguf.quants import Q4_K
+
+    d, dmin = _halves(blocks[:, 0:2]), _halves(blocks[:, 2:4])
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+    qs = blocks[:, 16:].reshape(-1, 4, 32)  # four runs of 32 bytes: sub-block 2j low, 2j+1 high
+    q = np.stack([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=2).reshape(-1, 256)
+    scale = d[:, None] * sc.astype(np.float32)
+    low = dmin[:, None] * m.astype(np.float32)
+    return q, scale, low
+
+
+def int8_rows(weights: np.ndarray) -> Int8Rows:
+    """float32 [rows, cols] rounded to int8 with one scale per row (max |w| maps to 127)."""
+    weights = np.asarray(weights, dtype=np.float32)
+    peak = np.abs(weights).max(axis=1)
+    scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)
+    q = np.clip(np.rint(weights / scale[:, None]), -127, 127).astype(np.int8)
+    return Int8Rows(q, scale)

@@ -1,0 +1,214 @@
+"""The quantized conversion cache: a GGUF's weights kept in the layouts the CPU kernels read.
+
+`write_quantized_weights` writes `model.safetensors` with, for each matrix of the model,
+
+- `<name>.packed` (uint8, torch's packed int4 layout) and `<name>.scales_zeros` (float32
+  [out, in/32, 2]) where the GGUF blocks are Q4_0 / Q4_1 / Q4_K: repacked exactly;
+- `<name>.q` (int8 [out, in]) and `<name>.scale` (float32 [out]) for every other matrix and for the
+  token embedding (looked up by row, so it needs the int8 layout);
+
+and `<name>` in float32 for vectors (norms, biases). Streamed a few rows at a time, like the dense
+conversion. `load_quantized_model` memory-maps that file and builds the model around it: a warm
+load maps what it needs instead of converting anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .convert import (CHUNK_BYTES, MODEL_BUILD_LOCK, UnsupportedModel, WeightPlan, WeightSlot, _piece_bytes,
+                      plan_weights, read_rows)
+from .gguf_file import GGUFHeader
+from .qlinear import GROUP, pack_int4
+from .quant_blocks import int4_rows, int8_rows, is_int4_exact
+
+ProgressFn = Callable[[float, str], None]
+EMBEDDING = "model.embed_tokens.weight"
+ROW_ALIGN = 64  # int4 rows packed together: torch packs blocks of rows, so chunks start on a multiple
+
+
+@dataclass(frozen=True)
+class Part:
+    """One tensor of the quantized file."""
+
+    name: str
+    dtype: str  # safetensors dtype: U8, I8, F32
+    shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * {"U8": 1, "I8": 1, "F32": 4}[self.dtype]
+
+
+@dataclass
+class QuantSlot:
+    slot: WeightSlot
+    kind: str  # "int4" | "int8" | "dense"
+    parts: list[Part]
+
+
+def choose_kind(slot: WeightSlot) -> str:
+    """int4 where the GGUF blocks repack exactly (and torch's packing fits), int8 for other matrices."""
+    if len(slot.shape) != 2:
+        return "dense"
+    rows, cols = slot.shape
+    if slot.name != EMBEDDING and is_int4_exact(slot.source.ggml_type) and rows % 16 == 0 and cols % GROUP == 0:
+        return "int4"
+    return "int8"
+
+
+def _parts(slot: WeightSlot, kind: str) -> list[Part]:
+    if kind == "dense":
+        return [Part(slot.name, "F32", slot.shape)]
+    rows, cols = slot.shape
+    if kind == "int4":
+        return [Part(slot.name + ".packed", "U8", (rows, cols // 2)),
+                Part(slot.name + ".scales_zeros", "F32", (rows, cols // GROUP, 2))]
+    return [Part(slot.name + ".q", "I8", (rows, cols)), Part(slot.name + ".scale", "F32", (rows,))]
+
+
+def plan_quantized(header: GGUFHeader, config) -> tuple[WeightPlan, list[QuantSlot]]:
+    plan = plan_weights(header, config, torch.float32)
+    slots, offset = [], 0
+    for slot in plan.slots:
+        kind = choose_kind(slot)
+        parts = []
+        for part in _parts(slot, kind):
+            size = math.prod(part.shape) * part.row_bytes // max(1, math.prod(part.shape[1:]))
+            parts.append(Part(part.name, part.dtype, part.shape, offset, offset + size))
+            offset += size
+        slots.append(QuantSlot(slot, kind, parts))
+    return plan, slots
+
+
+def _header_bytes(slots: list[QuantSlot]) -> bytes:
+    entries: dict = {"__metadata__": {"format": "pt", "layout": "quantized"}}
+    for quant in slots:
+        for part in quant.parts:
+            entries[part.name] = {"dtype": part.dtype, "shape": list(part.shape),
+                                  "data_offsets": [part.begin, part.end]}
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _row_ranges(quant: QuantSlot) -> list[tuple[int, int]]:
+    slot = quant.slot
+    rows = _gguf_rows(slot)
+    if quant.kind == "dense" or slot.fix_up:
+        return [(0, rows)]
+    cols = slot.shape[1]
+    step = max(1, CHUNK_BYTES // (4 * cols))
+    if quant.kind == "int4":
+        step = max(ROW_ALIGN, step // ROW_ALIGN * ROW_ALIGN)
+    return [(first, min(first + step, rows)) for first in range(0, rows, step)]
+
+
+def _gguf_rows(slot: WeightSlot) -> int:
+    """Rows as the GGUF counts them (a vector is one row); a matrix's rows are its outputs."""
+    return slot.source.n_elements // slot.source.shape[0] if slot.source.shape else 1
+
+
+def _row_permutation(plan: WeightPlan, slot: WeightSlot) -> np.ndarray:
+    """How the architecture's fix-up reorders this matrix's rows (llama's q/k un-permutation)."""
+    rows = slot.shape[0]
+    probe = np.arange(rows, dtype=np.float32).reshape(rows, 1)
+    result = plan.process(probe, slot.source).weights
+    order = np.asarray(result).reshape(-1)
+    if order.shape != (rows,) or not np.array_equal(np.sort(order), probe.reshape(-1)):
+        raise UnsupportedModel(f"{slot.source.name}: its fix-up is not a row reordering")
+    return order.astype(np.int64)
+
+
+def _convert_rows(header: GGUFHeader, plan: WeightPlan, quant: QuantSlot,
+                  rows: tuple[int, int]) -> list[np.ndarray]:
+    """The bytes of each part for rows `rows` of one matrix (or the whole tensor)."""
+    slot = quant.slot
+    if quant.kind == "int4":
+        count, cols = rows[1] - rows[0], slot.shape[1]
+        groups = int4_rows(read_rows(header, slot.source, rows), slot.source.ggml_type, count, cols)
+        q = groups.q
+        scale, low = groups.scale, groups.min
+        if slot.fix_up:
+            order = _row_permutation(plan, slot)
+            q, scale, low = q[order], scale[order], low[order]
+        packed = pack_int4(torch.from_numpy(q)).numpy()
+        scales_zeros = np.stack([scale, 8 * scale - low], axis=-1).astype(np.float32)
+        return [packed.view(np.uint8), scales_zeros.view(np.uint8)]
+    weights = _piece_bytes(header, plan, slot, rows, torch.float32).view(np.float32)
+    if quant.kind == "dense":
+        return [weights.view(np.uint8)]
+    table = int8_rows(weights.reshape(rows[1] - rows[0], slot.shape[1]))
+    return [table.q.view(np.uint8), table.scale.view(np.uint8)]
+
+
+def write_quantized_weights(header: GGUFHeader, config, path: Path, progress: ProgressFn | None = None) -> None:
+    """Write the quantized `model.safetensors` for `header`, streamed a few rows at a time."""
+    plan, slots = plan_quantized(header, config)
+    head = _header_bytes(slots)
+    base = len(head)
+    jobs = [(index, quant, rows) for index, quant in enumerate(slots) for rows in _row_ranges(quant)]
+    total = sum(part.end - part.begin for quant in slots for part in quant.parts)
+    with path.open("wb") as out, ThreadPoolExecutor(max_workers=2) as pool:
+        out.write(head)
+        out.truncate(base + total)
+        futures = [pool.submit(_convert_rows, header, plan, quant, rows) for _, quant, rows in jobs[:2]]
+        for position, (index, quant, rows) in enumerate(jobs):
+            pieces = futures[position].result()
+            if position + 2 < len(jobs):
+                _, later, later_rows = jobs[position + 2]
+                futures.append(pool.submit(_convert_rows, header, plan, later, later_rows))
+            futures[position] = None  # let the finished piece go
+            for part, data in zip(quant.parts, pieces):
+                out.seek(base + part.begin + rows[0] * part.row_bytes)
+                out.write(data.tobytes())
+            if progress and rows[1] == _gguf_rows(quant.slot):
+                progress((index + 1) / len(slots), f"quantizing tensors {index + 1}/{len(slots)}")
+
+
+# ----- loading -----------------------------------------------------------------------------------
+
+_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F32": torch.float32, "BF16": torch.bfloat16}
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of one copy-on-write memory map (nothing read yet)."""
+    data = np.memmap(path, dtype=np.uint8, mode="c")
+    (head_len,) = struct.unpack("<Q", bytes(data[:8]))
+    head = json.loads(bytes(data[8:8 + head_len]))
+    buffer = torch.from_numpy(data)
+    tensors = {}
+    for name, entry in head.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        raw = buffer[8 + head_len + begin:8 + head_len + end]
+        tensors[name] = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return tensors
+
+
+def load_quantized_model(folder: Path, dtype: torch.dtype):
+    """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .qlinear import install_quantized
+
+    config = AutoConfig.from_pretrained(folder)
+    config.dtype = dtype
+    tensors = map_safetensors(folder / "model.safetensors")
+    with MODEL_BUILD_LOCK, init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_quantized(model, tensors, dtype)
+    return model.eval()

@@ -1,0 +1,181 @@
+"""Quantized CPU weights: GGUF blocks repacked exactly, the kernels' products, and whole models.
+
+The tiny models here carry a Q4_K_M-like mix of types (Q4_K, Q6_K, Q5_0, Q8_0, Q4_0), so every
+conversion route runs: int4 repack (with llama's q/k row reordering), int8 rounding, tied and
+untied output projections, biases (qwen2).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from gguf_factory import random_blocks, write_tiny_gguf
+from models.loader import LoadOptions, checkpoint_dir, load_model
+from models.qlinear import Int4Linear, Int8Embedding, Int8Linear, int4_scales_zeros, pack_int4
+from models.quant_blocks import int4_rows, int8_rows, is_int4_exact
+
+RNG = np.random.default_rng(7)
+
+
+def quantized_raw(type_name: str, rows: int, cols: int) -> np.ndarray:
+    if type_name in ("Q4_K", "Q6_K"):
+        return random_blocks(RNG, type_name, rows, cols)
+    weights = (RNG.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    return gguf.quants.quantize(weights, Q[type_name])
+
+
+# ----- the repack ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_repack_is_bit_exact(type_name):
+    rows, cols = 48, 512
+    raw = quantized_raw(type_name, rows, cols)
+    want = gguf.quants.dequantize(raw, Q[type_name]).reshape(rows, cols)
+    got = int4_rows(raw, Q[type_name].value, rows, cols)
+    assert got.q.dtype == np.uint8 and got.q.max() <= 15
+    assert np.array_equal(got.dequantize(), want)  # bit for bit, not approximately
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q6_K", "Q8_0"])
+def test_other_types_round_to_int8_within_half_a_step(type_name):
+    rows, cols = 32, 256
+    weights = gguf.quants.dequantize(quantized_raw(type_name, rows, cols), Q[type_name]).reshape(rows, cols)
+    table = int8_rows(weights)
+    assert not is_int4_exact(Q[type_name].value)
+    assert np.all(np.abs(table.dequantize() - weights) <= table.scale[:, None] / 2 * 1.0001)
+    assert np.abs(table.q).max() == 127
+
+
+def test_int8_rows_of_zeros():
+    table = int8_rows(np.zeros((3, 32), dtype=np.float32))
+    assert np.all(table.q == 0) and np.all(table.scale == 1)
+
+
+# ----- the kernels ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_int4_linear_matches_dense(rows):
+    out_f, in_f = 64, 256
+    groups = int4_rows(quantized_raw("Q4_K", out_f, in_f), Q.Q4_K.value, out_f, in_f)
+    bias = torch.randn(out_f) * 0.01
+    layer = Int4Linear(in_f, out_f, pack_int4(torch.from_numpy(groups.q)),
+                       int4_scales_zeros(torch.from_numpy(groups.scale), torch.from_numpy(groups.min)).bfloat16(),
+                       bias)
+    x = torch.randn(2, rows, in_f)
+    want = F.linear(x, torch.from_numpy(groups.dequantize()), bias)
+    got = layer(x)
+    assert got.shape == (2, rows, out_f) and got.dtype == torch.float32
+    assert (got - want).norm() / want.norm() < 0.02  # bfloat16 inputs and scales
+
+
+def test_int8_linear_and_embedding_match_dense():
+    weights = (RNG.standard_normal((96, 64)) * 0.05).astype(np.float32)
+    table = int8_rows(weights)
+    q, scale = torch.from_numpy(table.q), torch.from_numpy(table.scale).bfloat16()
+    dense = torch.from_numpy(table.dequantize())
+    layer = Int8Linear(64, 96, q, scale)
+    x = torch.randn(3, 64)
+    want = F.linear(x, dense)
+    assert (layer(x) - want).norm() / want.norm() < 0.02
+    embedding = Int8Embedding(q, scale, embed_scale=2.0)
+    ids = torch.tensor([[0, 5, 95]])
+    assert torch.allclose(embedding(ids), 2.0 * dense[ids], rtol=0.01, atol=1e-4)
+
+
+# ----- whole models --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    return {arch: write_tiny_gguf(folder / f"mixed-{arch}.gguf", arch, hidden=256, ffn=512, heads=4, kv_heads=2,
+                                  weight_types="mixed")
+            for arch in ("llama", "qwen2", "gemma3")}
+
+
+def logits_of(lm, ids):
+    with torch.inference_mode():
+        return lm.model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("activations", ["float32", "bfloat16"])  # AVX2-only CPUs, AVX512-BF16/AMX CPUs
+def test_quantized_model_follows_the_dense_one(mixed_models, tmp_path, arch, activations):
+    cache = tmp_path / "cache"
+    dense = load_model(mixed_models[arch], cache, LoadOptions(dtype="float32", weights="dense"))
+    quant = load_model(mixed_models[arch], cache, LoadOptions(dtype=activations, weights="quantized"))
+    assert quant.weights == "quantized" and dense.weights == "dense"
+    assert quant.dtype == getattr(torch, activations)
+    kinds = {type(module).__name__ for module in quant.model.modules()}
+    assert {"Int4Linear", "Int8Linear", "Int8Embedding"} <= kinds and "Linear" not in kinds
+    ids = quant.encode("The quick brown fox jumps over the lazy dog.")
+    want, got = logits_of(dense, ids), logits_of(quant, ids)
+    assert (got - want).norm() / want.norm() < (0.03 if activations == "float32" else 0.06)
+    assert quant.memory_bytes < dense.memory_bytes / 2.5
+
+
+def test_tied_output_shares_the_embedding_table(mixed_models, model_cache):
+    lm = load_model(mixed_models["gemma3"], model_cache, LoadOptions(weights="quantized"))
+    assert lm.model.lm_head.q is lm.model.model.embed_tokens.q
+
+
+def test_untied_output_keeps_its_own_weights(mixed_models, model_cache):
+    lm = load_model(mixed_models["llama"], model_cache, LoadOptions(weights="quantized"))
+    # Q4_0 output.weight, but 389 rows: torch packs int4 rows by 16, so it is rounded to int8
+    assert isinstance(lm.model.lm_head, Int8Linear) and lm.model.lm_head.q is not lm.model.model.embed_tokens.q
+    assert isinstance(lm.model.model.layers[0].self_attn.q_proj, Int4Linear)  # Q4_K, rows reordered
+
+
+def test_cpu_default_is_quantized_and_dense_stays_selectable(mixed_models, model_cache):
+    assert load_model(mixed_models["qwen2"], model_cache).weights == "quantized"
+    assert load_model(mixed_models["qwen2"], model_cache, LoadOptions(weights="dense")).weights == "dense"
+
+
+def test_quantized_cache_is_reused_and_kept_apart(tmp_path, mixed_models):
+    gguf_path = shutil.copy(mixed_models["qwen2"], tmp_path / "model.gguf")
+    cache = tmp_path / "cache"
+    messages: list[str] = []
+    first = load_model(gguf_path, cache, LoadOptions(weights="quantized"), progress=lambda f, m: messages.append(m))
+    assert any("converting" in m for m in messages)
+    folder = checkpoint_dir(cache, gguf_path, first.dtype, "quantized")
+    assert folder.is_dir() and "-q1-" in folder.name
+    before = (folder / "model.safetensors").stat()
+    messages.clear()
+    second = load_model(gguf_path, cache, LoadOptions(weights="quantized"), progress=lambda f, m: messages.append(m))
+    assert not any("convert" in m for m in messages)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before.st_mtime_ns
+    ids = first.encode("hello there")
+    assert torch.equal(logits_of(first, ids), logits_of(second, ids))
+    load_model(gguf_path, cache, LoadOptions(weights="dense"))
+    assert len(list((cache / "converted").iterdir())) == 2
+
+
+def test_damaged_quantized_cache_is_rebuilt(tmp_path, mixed_models):
+    gguf_path = shutil.copy(mixed_models["gemma3"], tmp_path / "model.gguf")
+    cache = tmp_path / "cache"
+    first = load_model(gguf_path, cache, LoadOptions(weights="quantized"))
+    ids = first.encode("hello")
+    want = logits_of(first, ids)
+    del first  # its weights map the file damaged below
+    folder = checkpoint_dir(cache, gguf_path, torch.float32, "quantized")
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size - 100)
+    again = load_model(gguf_path, cache, LoadOptions(weights="quantized"))
+    assert torch.equal(want, logits_of(again, ids))
+
+
+def test_quantized_on_cuda_is_refused_clearly(mixed_models, model_cache):
+    from models.loader import LoadError, pick_weights
+
+    with pytest.raises(LoadError, match="CPU"):
+        pick_weights(torch.device("cuda"), LoadOptions(weights="quantized"))
+    with pytest.raises(LoadError, match="unknown weights"):
+        pick_weights(torch.device("cpu"), LoadOptions(weights="int3"))
+    assert pick_weights(torch.device("cuda"), LoadOptions()) == "dense"
