@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,20 @@ def test_greedy_continuation_is_deterministic_and_fluent(gemma):
         letters = sum(ch.isascii() and (ch.isalpha() or ch in " .,'") for ch in first)
         assert letters >= 0.9 * len(first), first
         assert "France" in first or "capital" in first or "city" in first, first
+
+
+QUALITY_TEXT = (Path(__file__).parent / "quality_text.txt").read_text()
+
+
+def test_quantized_weights_keep_the_quality_of_the_exact_path(gemma, bundled_model, model_cache):
+    """The quality gate of the quantized CPU path: mean next-token NLL over a fixed ~510-token English
+    text within 1% of the exact (dequantized bfloat16) path's."""
+    from models.loader import LoadOptions
+
+    assert gemma.weights == "quantized"  # the CPU default
+    exact = load_model(bundled_model, model_cache, LoadOptions(weights="dense", dtype="bfloat16"))
+    ids = gemma.tokenizer(QUALITY_TEXT)["input_ids"]
+    assert 450 < len(ids) < 600
+    quantized_nll, exact_nll = mean_nll(gemma, ids), mean_nll(exact, ids)
+    assert abs(quantized_nll - exact_nll) <= 0.01 * exact_nll, (quantized_nll, exact_nll)
+    assert gemma.memory_bytes < 0.55 * exact.memory_bytes
