@@ -172,9 +172,7 @@ def table(r: dict) -> str:
     parts.append(f"model growth on load: {_fmt(loads['warm'].get('model_growth_mib'))} MiB for a "
                  f"{_fmt(r['meta'].get('model_file_mib'))} MiB file")
     llama, prefill, ratios = r.get("llamacpp") or {}, r.get("prefill") or {}, r["ratios"]
-    parts.append("
-Against llama.cpp (same file, same threads)
-" + _rows(
+    parts.append("\nAgainst llama.cpp (same file, same threads)\n" + _rows(
         ["figure", "this app", "llama.cpp", "ratio"],
         [["decode tok/s (engine)", _fmt(engine.get("decode_tok_s")), _fmt(llama.get("decode_tok_s")),
           _fmt(ratios.get("decode_vs_llamacpp"), "x")],

@@ -1,8 +1,10 @@
 """Load a GGUF model for generation: convert once into a cached checkpoint, then load that.
 
-The first load of a file dequantizes it (models/convert.py) into
-`<cache>/converted/<sha256>-<dtype>/`; every later load memory-maps that safetensors file and
-reads the tokenizer from its `tokenizer.json`, the two in parallel.
+The first load of a file converts it into a cache folder: on the CPU by default its quantized
+blocks into the int4/int8 kernels' layouts (models/quant_checkpoint.py,
+`<cache>/converted/<sha256>-q<format>-<layout>/`), otherwise dequantized (models/convert.py,
+`<cache>/converted/<sha256>-<dtype>/`). Every later load memory-maps that safetensors file and reads
+the tokenizer from its `tokenizer.json`, the two in parallel.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ residual stream) runs in `compute_dtype`: bfloat16 where the CPU multiplies it n
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -31,6 +33,7 @@ def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+@functools.lru_cache(maxsize=1)
 def int4_layout_tag() -> str:
     """A short fingerprint of torch's packed int4 layout on this machine.
 

@@ -340,10 +340,13 @@ def test_unload_while_streaming_lets_the_stream_finish(manager):
 
 # ----- memory really comes back -------------------------------------------------------------------------
 
-def test_unload_frees_memory(tmp_path, model_cache):
+@pytest.mark.parametrize("weights", ["dense", "quantized"])
+def test_unload_frees_memory(tmp_path, model_cache, weights):
     models = tmp_path / "models"
-    write_tiny_gguf(models / "big.gguf", "qwen2", hidden=256, layers=4, heads=4, kv_heads=2, ffn=1024, seed=5)
-    mgr = make_manager(tmp_path, model_cache)
+    wide = 512 if weights == "quantized" else 256  # int8 weights take a quarter of float32's room
+    write_tiny_gguf(models / "big.gguf", "qwen2", hidden=wide, layers=4, heads=4, kv_heads=2, ffn=4 * wide, seed=5)
+    mgr = ModelManager(Catalog(tmp_path), model_cache, memory_budget=1 << 40,
+                       options=LoadOptions(dtype="float32", weights=weights))
     mgr.load("big")  # a first cycle converts the file and warms torch's one-time allocations up
     generate_once(mgr, "big")
     mgr.unload("big")
