@@ -288,10 +288,11 @@ class BatchScheduler:
         tokens = torch.tensor([[r.produced[-1]] for r in rows], dtype=torch.long, device=device)
         positions = torch.tensor([[len(r.fed)] for r in rows], dtype=torch.long, device=device)
         mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=device)], dim=1)
+        batch = kv.Batch(batch.cache, mask, padded=batch.padded)
         with torch.inference_mode():
-            out = self.lm.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                cache=batch.cache, use_cache=True, logits_to_keep=1)
-        batch = kv.Batch(batch.cache, mask)
+            # no padding anywhere: the model's own causal masks (no 4-D mask built, SDPA's fast path)
+            out = self.lm.model(input_ids=tokens, attention_mask=mask if batch.padded else None,
+                                position_ids=positions, cache=batch.cache, use_cache=True, logits_to_keep=1)
         self.steps += 1
         keep = []
         for index, request in enumerate(rows):

@@ -36,6 +36,11 @@ class Batch:
 
     cache: object
     mask: torch.Tensor  # [rows, length], 1 for real tokens, 0 for left padding
+    padded: bool | None = None  # whether any row has padding (worked out from `mask` when not given)
+
+    def __post_init__(self) -> None:
+        if self.padded is None:
+            self.padded = not bool(self.mask.all())
 
     @property
     def rows(self) -> int:

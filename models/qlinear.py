@@ -113,6 +113,37 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
 
 
+class ShortlistHead(nn.Module):
+    """An output projection over a large vocabulary: every logit from a coarse int4 copy of the table,
+    then the `shortlist` best of each row recomputed from the exact int8 table.
+
+    Where the CPU has no native bfloat16, the int4 kernel reads Gemma's 262,144 x 640 table about twice
+    as fast as the int8 one; the best tokens, which are all that greedy decoding, top-k/top-p sampling
+    and the returned log-probabilities look at, get their exact int8 logits. Tokens outside the
+    shortlist keep their coarse logits (they share the exact path's ranking only approximately).
+    """
+
+    def __init__(self, coarse: Int4Linear, q: torch.Tensor, scale: torch.Tensor, shortlist: int = 256):
+        super().__init__()
+        self.coarse, self.shortlist = coarse, shortlist
+        self.in_features, self.out_features = coarse.in_features, coarse.out_features
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.coarse(x)
+        flat, rows = _flat(x, self.in_features, self.scale.dtype), logits.reshape(-1, self.out_features)
+        best = rows.topk(min(self.shortlist, self.out_features), dim=-1).indices
+        for row in range(rows.shape[0]):
+            picked = best[row]
+            exact = torch._weight_int8pack_mm(flat[row:row + 1], self.q[picked], self.scale[picked])
+            rows[row].index_copy_(0, picked, exact[0].to(rows.dtype))
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, shortlist={self.shortlist}"
+
+
 class Int8Embedding(nn.Module):
     """Token embedding from an int8 table with one scale per row (times `embed_scale`, as Gemma's)."""
 
@@ -133,12 +164,14 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
 
 
-def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                      shortlist: bool = False) -> None:
     """Fill a model built on the meta device from a quantized checkpoint's `tensors`.
 
     Each `nn.Linear` whose weight is stored as int4 or int8 becomes an `Int4Linear` /
     `Int8Linear`, the token embedding an `Int8Embedding`, a tied output projection shares the
     embedding's table, and every other parameter is set from its float32 tensor in `dtype`.
+    `shortlist`: an int8 output projection with a coarse copy becomes a `ShortlistHead`.
     Raises `ValueError` if anything the model needs is missing from `tensors`.
     """
     def small(name: str, to: torch.dtype = dtype) -> torch.Tensor:  # scales, vectors: converted (copied)
@@ -164,6 +197,8 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
                 continue
             setattr(module, child_name, new)
     _tie_output(model, tensors, embedding)
+    if shortlist:
+        _use_shortlist(model, tensors)
     for name, param in list(model.named_parameters()):
         if name not in tensors:
             raise ValueError(f"the quantized checkpoint lacks {name}")
@@ -172,6 +207,20 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     left = [name for name, buffer in model.named_buffers() if buffer is not None and buffer.is_meta]
     if left:
         raise ValueError(f"the quantized checkpoint left {left[0]} unset")
+
+
+def _use_shortlist(model: nn.Module, tensors: dict) -> None:
+    """Swap an int8 output projection for a `ShortlistHead` where the checkpoint has its coarse copy."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, Int8Linear) or head.bias is not None:
+        return
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        table = tensors.get(name + ".q")
+        if name + ".coarse.packed" in tensors and table is not None and table.data_ptr() == head.q.data_ptr():
+            scales_zeros = tensors[name + ".coarse.scales_zeros"].transpose(0, 1).to(KERNEL_DTYPE).contiguous()
+            coarse = Int4Linear(head.in_features, head.out_features, tensors[name + ".coarse.packed"], scales_zeros)
+            model.lm_head = ShortlistHead(coarse, head.q, head.scale)
+            return
 
 
 def _tie_output(model: nn.Module, tensors: dict, embedding: Int8Embedding | None) -> None:

@@ -105,3 +105,17 @@ def int8_rows(weights: np.ndarray) -> Int8Rows:
     scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)
     q = np.clip(np.rint(weights / scale[:, None]), -127, 127).astype(np.int8)
     return Int8Rows(q, scale)
+
+
+def round_int4(weights: np.ndarray) -> Int4Rows:
+    """float32 [rows, cols] rounded to the int4 layout: per group of 32, min to max in 15 steps.
+
+    A lossy rounding, used only for `ShortlistHead`'s coarse copy of the output projection, whose
+    best-scoring rows are then recomputed from the exact table.
+    """
+    rows, cols = weights.shape
+    groups = np.asarray(weights, dtype=np.float32).reshape(rows, cols // GROUP, GROUP)
+    low, high = groups.min(axis=-1), groups.max(axis=-1)
+    scale = np.where(high > low, (high - low) / 15, 1).astype(np.float32)
+    q = np.clip(np.rint((groups - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    return Int4Rows(q.reshape(rows, cols), scale, -low.astype(np.float32))

@@ -29,11 +29,13 @@ from .convert import (CHUNK_BYTES, MODEL_BUILD_LOCK, UnsupportedModel, WeightPla
                       plan_weights, read_rows)
 from .gguf_file import GGUFHeader
 from .qlinear import GROUP, pack_int4
-from .quant_blocks import int4_rows, int8_rows, is_int4_exact
+from .quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
 
 ProgressFn = Callable[[float, str], None]
 EMBEDDING = "model.embed_tokens.weight"
 ROW_ALIGN = 64  # int4 rows packed together: torch packs blocks of rows, so chunks start on a multiple
+OUTPUT_NAMES = (EMBEDDING, "lm_head.weight")  # what may project the output (the embedding when tied)
+COARSE_MIN_ROWS = 32768  # vocabularies at least this large also get a coarse int4 copy (ShortlistHead)
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,28 @@ def choose_kind(slot: WeightSlot) -> str:
     return "int8"
 
 
+def _int4_parts(name: str, rows: int, cols: int) -> list[Part]:
+    return [Part(name + ".packed", "U8", (rows, cols // 2)), Part(name + ".scales_zeros", "F32", (rows, cols // GROUP, 2))]
+
+
+def has_coarse_copy(slot: WeightSlot, kind: str) -> bool:
+    """An int8 output projection over a large vocabulary also gets an int4 copy, rounded from the int8
+    values, for `ShortlistHead` (models/qlinear.py): all logits coarse, the best ones exact."""
+    rows, cols = slot.shape if len(slot.shape) == 2 else (0, 0)
+    return kind == "int8" and slot.name in OUTPUT_NAMES and rows >= COARSE_MIN_ROWS and rows % 16 == 0 \
+        and cols % GROUP == 0
+
+
 def _parts(slot: WeightSlot, kind: str) -> list[Part]:
     if kind == "dense":
         return [Part(slot.name, "F32", slot.shape)]
     rows, cols = slot.shape
     if kind == "int4":
-        return [Part(slot.name + ".packed", "U8", (rows, cols // 2)),
-                Part(slot.name + ".scales_zeros", "F32", (rows, cols // GROUP, 2))]
-    return [Part(slot.name + ".q", "I8", (rows, cols)), Part(slot.name + ".scale", "F32", (rows,))]
+        return _int4_parts(slot.name, rows, cols)
+    parts = [Part(slot.name + ".q", "I8", (rows, cols)), Part(slot.name + ".scale", "F32", (rows,))]
+    if has_coarse_copy(slot, kind):
+        parts += _int4_parts(slot.name + ".coarse", rows, cols)
+    return parts
 
 
 def plan_quantized(header: GGUFHeader, config) -> tuple[WeightPlan, list[QuantSlot]]:
@@ -110,7 +126,7 @@ def _row_ranges(quant: QuantSlot) -> list[tuple[int, int]]:
         return [(0, rows)]
     cols = slot.shape[1]
     step = max(1, CHUNK_BYTES // (4 * cols))
-    if quant.kind == "int4":
+    if any(part.name.endswith(".packed") for part in quant.parts):
         step = max(ROW_ALIGN, step // ROW_ALIGN * ROW_ALIGN)
     return [(first, min(first + step, rows)) for first in range(0, rows, step)]
 
@@ -143,14 +159,22 @@ def _convert_rows(header: GGUFHeader, plan: WeightPlan, quant: QuantSlot,
         if slot.fix_up:
             order = _row_permutation(plan, slot)
             q, scale, low = q[order], scale[order], low[order]
-        packed = pack_int4(torch.from_numpy(q)).numpy()
-        scales_zeros = np.stack([scale, 8 * scale - low], axis=-1).astype(np.float32)
-        return [packed.view(np.uint8), scales_zeros.view(np.uint8)]
+        return _int4_bytes(q, scale, low)
     weights = _piece_bytes(header, plan, slot, rows, torch.float32).view(np.float32)
     if quant.kind == "dense":
         return [weights.view(np.uint8)]
     table = int8_rows(weights.reshape(rows[1] - rows[0], slot.shape[1]))
-    return [table.q.view(np.uint8), table.scale.view(np.uint8)]
+    pieces = [table.q.view(np.uint8), table.scale.view(np.uint8)]
+    if len(quant.parts) > 2:  # the coarse copy
+        coarse = round_int4(table.dequantize())
+        pieces += _int4_bytes(coarse.q, coarse.scale, coarse.min)
+    return pieces
+
+
+def _int4_bytes(q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> list[np.ndarray]:
+    packed = pack_int4(torch.from_numpy(q)).numpy()
+    scales_zeros = np.stack([scale, 8 * scale - low], axis=-1).astype(np.float32)
+    return [packed.view(np.uint8), scales_zeros.view(np.uint8)]
 
 
 def write_quantized_weights(header: GGUFHeader, config, path: Path, progress: ProgressFn | None = None) -> None:
@@ -198,8 +222,12 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized_model(folder: Path, dtype: torch.dtype):
-    """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate."""
+def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | None = None):
+    """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate.
+
+    `shortlist`: project the output through `ShortlistHead` where the checkpoint has a coarse copy;
+    None = where the CPU has no native bfloat16 (there int4 reads the table ~2x faster than int8).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -210,5 +238,9 @@ def load_quantized_model(folder: Path, dtype: torch.dtype):
     tensors = map_safetensors(folder / "model.safetensors")
     with MODEL_BUILD_LOCK, init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    install_quantized(model, tensors, dtype)
+    if shortlist is None:
+        from .cpu_matmul import cpu_has_native_bf16
+
+        shortlist = not cpu_has_native_bf16()
+    install_quantized(model, tensors, dtype, shortlist=shortlist)
     return model.eval()

@@ -295,6 +295,19 @@ class _Tensors:
         self.writer.add_tensor(name, np.ascontiguousarray(v, dtype=np.float32))
 
 
+def _padded(voc: dict, multiple: int) -> dict:
+    """The vocabulary with `<unused_N>` tokens appended up to a multiple of `multiple`."""
+    extra = -len(voc["tokens"]) % multiple
+    if not extra:
+        return voc
+    voc = dict(voc)
+    voc["tokens"] = [*voc["tokens"], *(f"<unused_{i}>" for i in range(extra))]
+    voc["token_types"] = [*voc["token_types"], *([TokenType.UNUSED] * extra)]
+    if voc["scores"] is not None:
+        voc["scores"] = [*voc["scores"], *([-1000.0] * extra)]
+    return voc
+
+
 def write_tiny_gguf(
     path,
     arch: str = "llama",
@@ -308,6 +321,7 @@ def write_tiny_gguf(
     ffn: int = 128,
     quantize: bool = True,
     weight_types: str | dict | None = None,
+    vocab_multiple: int = 1,
     chat_template: str | None = None,
     name: str | None = None,
 ) -> pathlib.Path:
@@ -319,7 +333,7 @@ def write_tiny_gguf(
     without it everything is F32. `weight_types` overrides the type per tensor role (`attn_q`,
     `ffn_down`, `token_embd`, ...; "mixed" = `MIXED_TYPES`): Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 quantize the
     random weights, Q4_K/Q6_K are random valid blocks; a role whose rows do not fit the type's block
-    falls back to Q8_0.
+    falls back to Q8_0. `vocab_multiple`: pad the vocabulary with unused tokens to a multiple of this.
     """
     _check_arch(arch)
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
@@ -329,6 +343,7 @@ def write_tiny_gguf(
         path = path / f"tiny-{arch}.gguf"
     head_dim = hidden // heads
     voc = _sentencepiece_vocab() if arch == "gemma3" else _byte_level_vocab(arch)
+    voc = _padded(voc, vocab_multiple)
     n_vocab = len(voc["tokens"])
     rng = np.random.default_rng(seed)
 

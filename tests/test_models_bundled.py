@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -77,15 +78,30 @@ def test_greedy_continuation_is_deterministic_and_fluent(gemma):
 QUALITY_TEXT = (Path(__file__).parent / "quality_text.txt").read_text()
 
 
-def test_quantized_weights_keep_the_quality_of_the_exact_path(gemma, bundled_model, model_cache):
-    """The quality gate of the quantized CPU path: mean next-token NLL over a fixed ~510-token English
-    text within 1% of the exact (dequantized bfloat16) path's."""
+@pytest.fixture(scope="module")
+def exact_nll(bundled_model, model_cache):
     from models.loader import LoadOptions
 
-    assert gemma.weights == "quantized"  # the CPU default
     exact = load_model(bundled_model, model_cache, LoadOptions(weights="dense", dtype="bfloat16"))
-    ids = gemma.tokenizer(QUALITY_TEXT)["input_ids"]
+    ids = exact.tokenizer(QUALITY_TEXT)["input_ids"]
     assert 450 < len(ids) < 600
-    quantized_nll, exact_nll = mean_nll(gemma, ids), mean_nll(exact, ids)
-    assert abs(quantized_nll - exact_nll) <= 0.01 * exact_nll, (quantized_nll, exact_nll)
-    assert gemma.memory_bytes < 0.55 * exact.memory_bytes
+    return ids, mean_nll(exact, ids), exact.memory_bytes
+
+
+@pytest.mark.parametrize("shortlist", [True, False], ids=["shortlist-head", "int8-head"])
+def test_quantized_weights_keep_the_quality_of_the_exact_path(gemma, model_cache, bundled_model, exact_nll,
+                                                              shortlist):
+    """The quality gate of the quantized CPU path: mean next-token NLL over a fixed ~510-token English
+    text within 1% of the exact (dequantized bfloat16) path's, with either output projection (the
+    shortlist head is the default where the CPU lacks native bfloat16, the int8 one elsewhere)."""
+    from models.loader import checkpoint_dir
+    from models.quant_checkpoint import load_quantized_model
+
+    assert gemma.weights == "quantized"  # the CPU default
+    folder = checkpoint_dir(model_cache, bundled_model, gemma.dtype, "quantized")
+    model = load_quantized_model(folder, gemma.dtype, shortlist=shortlist)
+    assert (type(model.lm_head).__name__ == "ShortlistHead") is shortlist
+    ids, exact, exact_bytes = exact_nll
+    quantized = mean_nll(dataclasses.replace(gemma, model=model), ids)
+    assert abs(quantized - exact) <= 0.01 * exact, (quantized, exact)
+    assert gemma.memory_bytes < 0.75 * exact_bytes

@@ -18,8 +18,9 @@ from gguf import GGMLQuantizationType as Q
 
 from gguf_factory import random_blocks, write_tiny_gguf
 from models.loader import LoadOptions, checkpoint_dir, load_model
-from models.qlinear import Int4Linear, Int8Embedding, Int8Linear, int4_scales_zeros, pack_int4
-from models.quant_blocks import int4_rows, int8_rows, is_int4_exact
+from models import quant_checkpoint
+from models.qlinear import (Int4Linear, Int8Embedding, Int8Linear, ShortlistHead, int4_scales_zeros, pack_int4)
+from models.quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
 
 RNG = np.random.default_rng(7)
 
@@ -144,7 +145,7 @@ def test_quantized_cache_is_reused_and_kept_apart(tmp_path, mixed_models):
     first = load_model(gguf_path, cache, LoadOptions(weights="quantized"), progress=lambda f, m: messages.append(m))
     assert any("converting" in m for m in messages)
     folder = checkpoint_dir(cache, gguf_path, first.dtype, "quantized")
-    assert folder.is_dir() and "-q1-" in folder.name
+    assert folder.is_dir() and "-q2-" in folder.name
     before = (folder / "model.safetensors").stat()
     messages.clear()
     second = load_model(gguf_path, cache, LoadOptions(weights="quantized"), progress=lambda f, m: messages.append(m))
@@ -179,3 +180,61 @@ def test_quantized_on_cuda_is_refused_clearly(mixed_models, model_cache):
     with pytest.raises(LoadError, match="unknown weights"):
         pick_weights(torch.device("cpu"), LoadOptions(weights="int3"))
     assert pick_weights(torch.device("cuda"), LoadOptions()) == "dense"
+
+
+# ----- the shortlist output projection ---------------------------------------------------------------
+
+def test_int4_packing_composes_by_blocks_of_64_rows():
+    """The conversion packs a matrix 64 rows at a time; that must equal packing it whole."""
+    q = torch.from_numpy(RNG.integers(0, 16, size=(320, 128), dtype=np.uint8))
+    whole = pack_int4(q)
+    pieces = torch.cat([pack_int4(q[first:first + 64]) for first in range(0, 320, 64)])
+    assert torch.equal(whole, pieces)
+
+
+def test_round_int4_stays_within_half_a_step():
+    weights = (RNG.standard_normal((16, 64)) * 0.05).astype(np.float32)
+    rounded = round_int4(weights)
+    step = np.repeat(rounded.scale, 32, axis=1)
+    assert np.all(np.abs(rounded.dequantize() - weights) <= step / 2 * 1.0001 + 1e-7)
+
+
+def shortlist_pair(vocab=4096, width=128, shortlist=64):
+    weights = (RNG.standard_normal((vocab, width)) * 0.05).astype(np.float32)
+    table = int8_rows(weights)
+    coarse = round_int4(table.dequantize())
+    q, scale = torch.from_numpy(table.q), torch.from_numpy(table.scale).bfloat16()
+    exact = Int8Linear(width, vocab, q, scale)
+    layer = Int4Linear(width, vocab, pack_int4(torch.from_numpy(coarse.q)),
+                       int4_scales_zeros(torch.from_numpy(coarse.scale), torch.from_numpy(coarse.min)).bfloat16())
+    return exact, ShortlistHead(layer, q, scale, shortlist=shortlist)
+
+
+def test_shortlist_head_gives_the_best_tokens_their_exact_logits():
+    exact, head = shortlist_pair()
+    x = torch.randn(2, 3, 128)
+    want, got = exact(x), head(x)
+    assert got.shape == want.shape == (2, 3, 4096)
+    flat_want, flat_got = want.reshape(-1, 4096), got.reshape(-1, 4096)
+    for row in range(6):
+        best = flat_want[row].topk(8).indices
+        assert torch.allclose(flat_got[row, best], flat_want[row, best], rtol=1e-2, atol=1e-3)
+        assert int(flat_got[row].argmax()) == int(flat_want[row].argmax())
+    assert (got - want).norm() / want.norm() < 0.1  # the tail is only coarse
+
+
+def test_large_vocabularies_get_a_shortlist_head_where_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(quant_checkpoint, "COARSE_MIN_ROWS", 256)
+    path = write_tiny_gguf(tmp_path / "m.gguf", "gemma3", hidden=256, ffn=512, weight_types="mixed",
+                           vocab_multiple=16)
+    cache = tmp_path / "cache"
+    plain = load_model(path, cache, LoadOptions(weights="quantized"))
+    folder = checkpoint_dir(cache, path, torch.float32, "quantized")
+    fast = quant_checkpoint.load_quantized_model(folder, torch.float32, shortlist=True)
+    slow = quant_checkpoint.load_quantized_model(folder, torch.float32, shortlist=False)
+    assert isinstance(fast.lm_head, ShortlistHead) and isinstance(slow.lm_head, Int8Linear)
+    assert fast.lm_head.q is fast.model.embed_tokens.q  # still one exact table, shared with the embedding
+    ids = plain.encode("The quick brown fox")
+    with torch.inference_mode():
+        a, b = fast(input_ids=torch.tensor([ids])).logits[0], slow(input_ids=torch.tensor([ids])).logits[0]
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
