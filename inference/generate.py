@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from . import kv
 from .detok import IncrementalDetokenizer
 from .params import GenerationParams
 from .sampling import sample_next
@@ -74,12 +75,6 @@ def check_prompt(prompt_len: int, context_length: int) -> None:
                             f"{context_length} tokens, which leaves no room for a reply")
 
 
-def make_cache(model):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
 def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
                     cancel: threading.Event | None = None) -> Iterator[Chunk]:
     """Generate a reply to `prompt_ids` with the loaded model `lm`, one `Chunk` per new text.
@@ -100,7 +95,7 @@ def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
     reason, hit = "length", False
     model = lm.model
     with torch.inference_mode():
-        cache = make_cache(model)
+        cache = kv.new_cache()
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=lm.device)
         for _ in range(budget):
             if cancel is not None and cancel.is_set():
