@@ -10,20 +10,17 @@ prefix) chunk by chunk on its own cache.
 
 from __future__ import annotations
 
-import os
-import queue
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from . import kv
-from .detok import IncrementalDetokenizer
-from .generate import Chunk, StopMatcher, check_prompt
+from .generate import Chunk
 from .params import GenerationParams
+from .request import Request
 from .sampling import sample_next
 
 
@@ -77,29 +74,10 @@ class PrefixCache:
 
 
 @dataclass
-class _Request:
-    prompt_ids: list[int]
-    params: GenerationParams
-    cancel: threading.Event
-    session_key: str | None
-    budget: int
-    out: queue.Queue = field(default_factory=queue.Queue)
-    produced: list[int] = field(default_factory=list)
-    fed: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
-    started: float = field(default_factory=time.perf_counter)
-    first_at: float | None = None
-    reused: int = 0
-    generator: torch.Generator | None = None
-    detok: IncrementalDetokenizer | None = None
-    stops: StopMatcher | None = None
-    done: bool = False
-
-
-@dataclass
 class _Prefill:
     """A request whose prompt is being fed: `done` of its tokens are in `cache` (None before the first)."""
 
-    request: _Request
+    request: Request
     cache: object | None = None
     done: int = 0
     logits: torch.Tensor | None = None  # the last position's, once the whole prompt is in
@@ -117,7 +95,7 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk  # prompt tokens fed between two decode steps, at most
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        self._pending: list[_Request] = []
+        self._pending: list[Request] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._running = False
@@ -127,15 +105,8 @@ class BatchScheduler:
     # ----- the caller's side -----------------------------------------------------------------
     def stream(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
                session_key: str | None = None) -> Iterator[Chunk]:
-        check_prompt(len(prompt_ids), self.lm.context_length)
-        request = _Request(list(prompt_ids), params, cancel, session_key,
-                           budget=min(params.max_tokens, self.lm.context_length - len(prompt_ids)))
-        if not params.greedy:
-            request.generator = torch.Generator(device="cpu")
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
-            request.generator.manual_seed(seed)
-        request.detok = IncrementalDetokenizer(self.lm.tokenizer)
-        request.stops = StopMatcher(params.stop)
+        request = Request.create(self.lm, prompt_ids, params, cancel, session_key)
+        request.report_cache = self.prefix is not None
         with self._lock:
             self._pending.append(request)
             if not self._running:
@@ -163,7 +134,7 @@ class BatchScheduler:
     # ----- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         batch: kv.Batch | None = None
-        rows: list[_Request] = []
+        rows: list[Request] = []
         feeding: list[_Prefill] = []
         try:
             while True:
@@ -184,16 +155,16 @@ class BatchScheduler:
                 orphans = rows + [item.request for item in feeding] + self._pending
                 self._pending, self._running = [], False
             for request in orphans:
-                if not request.done:
+                if not request.finished:
                     request.out.put(error)
 
-    def _dropped(self, request: _Request) -> bool:
+    def _dropped(self, request: Request) -> bool:
         if request.cancel.is_set():
-            self._finish(request, "cancelled")
+            request.finish("cancelled")
             return True
         return False
 
-    def _start_prefill(self, request: _Request) -> _Prefill:
+    def _start_prefill(self, request: Request) -> _Prefill:
         """Pick up the session's cached prefix when the prompt starts with it."""
         if not (self.prefix and request.session_key):
             return _Prefill(request)
@@ -282,7 +253,7 @@ class BatchScheduler:
             return batch, rows
         return kv.join(batch, single), rows + [request]
 
-    def _step(self, batch: kv.Batch, rows: list[_Request]):
+    def _step(self, batch: kv.Batch, rows: list[Request]):
         """One forward for every row's last token; retire rows that finished."""
         device = self.lm.device
         tokens = torch.tensor([[r.produced[-1]] for r in rows], dtype=torch.long, device=device)
@@ -294,10 +265,13 @@ class BatchScheduler:
             out = self.lm.model(input_ids=tokens, attention_mask=mask if batch.padded else None,
                                 position_ids=positions, cache=batch.cache, use_cache=True, logits_to_keep=1)
         self.steps += 1
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist() if any(_plain_greedy(r) for r in rows) else None  # one call for all
         keep = []
         for index, request in enumerate(rows):
             request.fed.append(request.produced[-1])
-            if not self._emit(request, out.logits[index, -1]):
+            token = greedy[index] if greedy is not None and _plain_greedy(request) else None
+            if not self._emit(request, logits[index], token):
                 keep.append(index)
             else:
                 self._remember(request, batch, index)
@@ -305,48 +279,20 @@ class BatchScheduler:
             return batch, rows
         return kv.select(batch, keep), [rows[i] for i in keep]
 
-    def _emit(self, request: _Request, logits: torch.Tensor) -> bool:
-        """Sample the row's next token and send its text; True when the request is finished."""
+    def _emit(self, request: Request, logits: torch.Tensor, token: int | None = None) -> bool:
+        """Sample the row's next token (unless `token` is given) and stream it; True when finished."""
         if request.cancel.is_set():
-            self._finish(request, "cancelled")
+            request.finish("cancelled")
             return True
-        history = (torch.tensor(request.produced, dtype=torch.long)
-                   if request.params.repetition_penalty != 1.0 else None)
-        token = sample_next(logits.to("cpu"), request.params, request.generator, history)
-        if request.first_at is None:
-            request.first_at = time.perf_counter()
-        if token in self.lm.stop_token_ids:
-            self._finish(request, "stop")
-            return True
-        request.produced.append(token)
-        text, hit = request.stops.feed(request.detok.add(token))
-        if text:
-            request.out.put(Chunk(text=text, completion_tokens=len(request.produced),
-                                  prompt_tokens=len(request.prompt_ids)))
-        if hit:
-            self._finish(request, "stop", stopped_by_string=True)
-            return True
-        if len(request.produced) >= request.budget:
-            self._finish(request, "length")
-            return True
-        return False
+        if token is None:
+            token = sample_next(logits.to("cpu"), request.params, request.generator, request.history)
+        return request.accept(token)
 
-    def _finish(self, request: _Request, reason: str, stopped_by_string: bool = False) -> None:
-        tail = ""
-        if not stopped_by_string and request.detok is not None:
-            tail, hit = request.stops.feed(request.detok.flush())
-            tail += "" if hit else request.stops.flush()
-        now = time.perf_counter()
-        produced = len(request.produced)
-        decode = now - (request.first_at or now)
-        request.done = True
-        request.out.put(Chunk(
-            text=tail, completion_tokens=produced, prompt_tokens=len(request.prompt_ids), finish_reason=reason,
-            timings={"ttft_s": (request.first_at or now) - request.started, "total_s": now - request.started,
-                     "tokens_per_second": (produced - 1) / decode if produced > 1 and decode > 0 else 0.0,
-                     "cached_prompt_tokens": request.reused},
-        ))
-
-    def _remember(self, request: _Request, batch: kv.Batch, row: int) -> None:
+    def _remember(self, request: Request, batch: kv.Batch, row: int) -> None:
         if self.prefix and request.session_key:
             self.prefix.put(request.session_key, request.fed, kv.row_layers(batch, row))
+
+
+def _plain_greedy(request: Request) -> bool:
+    """Greedy with nothing to adjust first: the batch's argmax is the row's token."""
+    return request.params.greedy and request.params.repetition_penalty == 1.0

@@ -1,23 +1,17 @@
-"""The one streaming generator. Everything else (UI, /v1 API, non-streaming helpers) consumes it.
+"""What a stream of generated text is made of (`Chunk`), stop strings, and `stream_generate`.
 
-`stream_generate` runs the decode loop itself (no `model.generate`), so it can check its
-request's cancel event between tokens, detokenize incrementally and stop on strings.
+The decode loop itself is inference/batcher.py (`BatchScheduler`), the only one: concurrent
+requests share it, and `stream_generate` runs a request alone as a batch of one. The per-request
+state (sampling, detokenizing, stop strings, budget, timings) is inference/request.py.
 """
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
-
-from . import kv
-from .detok import IncrementalDetokenizer
 from .params import GenerationParams
-from .sampling import sample_next
 
 
 class PromptTooLong(ValueError):
@@ -79,55 +73,11 @@ def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
                     cancel: threading.Event | None = None) -> Iterator[Chunk]:
     """Generate a reply to `prompt_ids` with the loaded model `lm`, one `Chunk` per new text.
 
-    The forward loop itself checks `cancel` before every token, so a stop costs at most one step.
+    A batch of one: its own decode loop (inference/batcher.py, no prefix cache), so a request
+    generated alone goes through exactly the code of a batched one. The loop checks `cancel` before
+    every token, so a stop costs at most one step.
     """
-    check_prompt(len(prompt_ids), lm.context_length)
-    budget = min(params.max_tokens, lm.context_length - len(prompt_ids))
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
-    detok = IncrementalDetokenizer(lm.tokenizer)
-    stops = StopMatcher(params.stop)
-    started = time.perf_counter()
-    first_token_at = None
-    produced: list[int] = []
-    reason, hit = "length", False
-    model = lm.model
-    with torch.inference_mode():
-        cache = kv.new_cache()
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=lm.device)
-        for _ in range(budget):
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-            history = torch.tensor(produced, dtype=torch.long) if params.repetition_penalty != 1.0 else None
-            token = sample_next(out.logits[0, -1].to("cpu"), params, generator, history)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            if token in lm.stop_token_ids:
-                reason = "stop"
-                break
-            produced.append(token)
-            text, hit = stops.feed(detok.add(token))
-            if text:
-                yield Chunk(text=text, completion_tokens=len(produced), prompt_tokens=len(prompt_ids))
-            if hit:
-                reason = "stop"
-                break
-            input_ids = torch.tensor([[token]], dtype=torch.long, device=lm.device)
-    tail = ""
-    if not hit:  # a stop string ends the text where it matched; otherwise emit what is held back
-        tail, hit = stops.feed(detok.flush())
-        tail += "" if hit else stops.flush()
-    finished = time.perf_counter()
-    decode_time = finished - (first_token_at or finished)
-    yield Chunk(
-        text=tail, completion_tokens=len(produced), prompt_tokens=len(prompt_ids), finish_reason=reason,
-        timings={
-            "ttft_s": (first_token_at or finished) - started,
-            "total_s": finished - started,
-            "tokens_per_second": (len(produced) - 1) / decode_time if len(produced) > 1 and decode_time > 0 else 0.0,
-        },
-    )
+    from .batcher import BatchScheduler
+
+    scheduler = BatchScheduler(lm, max_batch=1, prefix_cache_bytes=0)
+    yield from scheduler.stream(prompt_ids, params, cancel if cancel is not None else threading.Event())

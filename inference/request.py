@@ -1,0 +1,97 @@
+"""One generation request as the decode loop sees it: everything that is per request, in one object.
+
+Parameters, the random generator, the token budget, the incremental detokenizer, the stop-string
+matcher, what has been produced and fed, and the timings. The decode loop (inference/batcher.py)
+hands it each sampled token (`accept`) and ends it once (`finish`); the request turns those into
+the `Chunk`s its caller streams.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .detok import IncrementalDetokenizer
+from .generate import Chunk, StopMatcher, check_prompt
+from .params import GenerationParams
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: GenerationParams
+    cancel: threading.Event
+    session_key: str | None
+    budget: int  # tokens it may produce: max_tokens, or what the context window leaves
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    stop_token_ids: frozenset[int]
+    generator: torch.Generator | None = None  # None for greedy decoding
+    out: queue.Queue = field(default_factory=queue.Queue)  # Chunks, or the exception that ended the loop
+    produced: list[int] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    started: float = field(default_factory=time.perf_counter)
+    first_at: float | None = None
+    reused: int = 0  # prompt tokens whose KV came from the session's prefix cache
+    report_cache: bool = False  # whether the last chunk's timings say `cached_prompt_tokens`
+    finished: bool = False
+
+    @classmethod
+    def create(cls, lm, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
+               session_key: str | None = None) -> "Request":
+        """A request for the loaded model `lm`; raises `PromptTooLong` if no reply fits its context."""
+        check_prompt(len(prompt_ids), lm.context_length)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
+        return cls(list(prompt_ids), params, cancel, session_key,
+                   budget=min(params.max_tokens, lm.context_length - len(prompt_ids)),
+                   detok=IncrementalDetokenizer(lm.tokenizer), stops=StopMatcher(params.stop),
+                   stop_token_ids=lm.stop_token_ids, generator=generator)
+
+    @property
+    def history(self) -> torch.Tensor | None:
+        """The produced tokens, when the repetition penalty needs them."""
+        return torch.tensor(self.produced, dtype=torch.long) if self.params.repetition_penalty != 1.0 else None
+
+    def accept(self, token: int) -> bool:
+        """Take the next sampled token and stream its text; True once the request is finished."""
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        if token in self.stop_token_ids:
+            self.finish("stop")
+            return True
+        self.produced.append(token)
+        text, hit = self.stops.feed(self.detok.add(token))
+        if text:
+            self.out.put(Chunk(text=text, completion_tokens=len(self.produced), prompt_tokens=len(self.prompt_ids)))
+        if hit:
+            self.finish("stop", stopped_by_string=True)
+            return True
+        if len(self.produced) >= self.budget:
+            self.finish("length")
+            return True
+        return False
+
+    def finish(self, reason: str, stopped_by_string: bool = False) -> None:
+        """Stream the held-back text and the last chunk: finish reason, token counts and timings."""
+        tail = ""
+        if not stopped_by_string:  # a stop string ends the text where it matched; else flush what is held
+            tail, hit = self.stops.feed(self.detok.flush())
+            tail += "" if hit else self.stops.flush()
+        now = time.perf_counter()
+        produced = len(self.produced)
+        decode = now - (self.first_at or now)
+        timings = {"ttft_s": (self.first_at or now) - self.started, "total_s": now - self.started,
+                   "tokens_per_second": (produced - 1) / decode if produced > 1 and decode > 0 else 0.0}
+        if self.report_cache:
+            timings["cached_prompt_tokens"] = self.reused
+        self.finished = True
+        self.out.put(Chunk(text=tail, completion_tokens=produced, prompt_tokens=len(self.prompt_ids),
+                           finish_reason=reason, timings=timings))
