@@ -238,3 +238,15 @@ def test_large_vocabularies_get_a_shortlist_head_where_asked(tmp_path, monkeypat
     with torch.inference_mode():
         a, b = fast(input_ids=torch.tensor([ids])).logits[0], slow(input_ids=torch.tensor([ids])).logits[0]
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_wide_inputs_multiply_the_dequantized_int8_weights():
+    """A prefill's many rows go through a dense product of the dequantized weights (in the inputs'
+    dtype), a few decode rows through the int8 kernel; both compute the same product."""
+    weights = (RNG.standard_normal((96, 64)) * 0.05).astype(np.float32)
+    table = int8_rows(weights)
+    dense = torch.from_numpy(table.q).float() * torch.from_numpy(table.scale).bfloat16().float()[:, None]
+    layer = Int8Linear(64, 96, torch.from_numpy(table.q), torch.from_numpy(table.scale).bfloat16())
+    wide, narrow = torch.randn(1, 40, 64), torch.randn(1, 2, 64)
+    assert torch.allclose(layer(wide), F.linear(wide, dense), atol=1e-5, rtol=1e-5)  # float32 throughout
+    assert (layer(narrow) - F.linear(narrow, dense)).norm() / F.linear(narrow, dense).norm() < 0.02
