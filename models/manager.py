@@ -138,10 +138,18 @@ class ModelManager:
                 "progress": entry.progress[0] if state == "loading" else None,
                 "progress_message": entry.progress[1] if state == "loading" else None,
                 "active_generations": entry.active,
+                "weights": loaded.weights if loaded else self._weights_mode(),
             }
         if entry.spec.remote:
-            record.update(state="loaded" if state != "error" else state, memory_bytes=0)
+            record.update(state="loaded" if state != "error" else state, memory_bytes=0, weights=None)
         return record
+
+    def _weights_mode(self) -> str | None:
+        """How a load with this manager's options holds the weights: "quantized" or "dense"."""
+        try:
+            return pick_weights(pick_device(self.options.device), self.options)
+        except LoadError:
+            return None
 
     def _estimate_or_zero(self, spec: ModelSpec) -> int:
         try:

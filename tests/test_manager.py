@@ -366,3 +366,15 @@ def test_unload_frees_memory(tmp_path, model_cache, weights):
     after = rss()
     assert after - before < 0.1 * (loaded - before), (before, loaded, after)
     mgr.close()
+
+
+def test_records_say_how_the_weights_are_held(data_dir, model_cache):
+    quantized = make_manager(data_dir, model_cache)
+    assert quantized.record("tiny-qwen2")["weights"] == "quantized"  # the CPU default, before loading
+    assert quantized.load("tiny-qwen2")["weights"] == "quantized"
+    dense = ModelManager(Catalog(data_dir), model_cache, memory_budget=1 << 40,
+                         options=LoadOptions(dtype="float32", weights="dense"))
+    assert dense.load("tiny-qwen2")["weights"] == "dense"
+    assert dense.record("tiny-qwen2")["memory_bytes"] > quantized.record("tiny-qwen2")["memory_bytes"]
+    quantized.close()
+    dense.close()
