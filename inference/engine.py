@@ -12,10 +12,9 @@ import weakref
 from typing import Iterator
 
 from .batcher import BatchScheduler
-from .generate import Chunk, check_prompt, stream_generate
+from .generate import Chunk
 from .params import GenerationParams
-
-REMOTE_CONTEXT = 8192  # assumed context of a remote engine, which does not tell us its own
+from .peers import Peer, peer_for
 
 
 class Busy(RuntimeError):
@@ -59,7 +58,7 @@ class AdmissionGate:
 
 
 class Engine:
-    """Runs generations: continuously batched per model (default), or one decode loop per request."""
+    """Runs generations: continuously batched per model (default), or each request as a batch of one."""
 
     def __init__(self, max_concurrent: int = 8, max_queue: int = 64, *, batching: bool = True,
                  prefix_cache_bytes: int = 256 * 2**20):
@@ -81,34 +80,27 @@ class Engine:
                 self._schedulers.add(scheduler)
             return scheduler
 
+    def peer(self, model) -> Peer:
+        """What the manager handed out (a loaded model, or a remote engine's spec) as a `Peer`."""
+        return peer_for(model, (lambda: self.scheduler(model)) if self.batching else None)
+
     def stream_chat(self, model, messages: list[dict], params: GenerationParams,
                     cancel: threading.Event, session_id: str | None = None) -> Iterator[Chunk]:
-        """Stream a reply to chat `messages` from a loaded model (or a remote engine's spec)."""
-        if getattr(model, "remote", None) is not None:
-            from .remote import stream_remote
+        """Stream a reply to chat `messages` from a loaded model or a remote engine.
 
-            with self.gate:
-                yield from stream_remote(model.remote, messages, params, cancel, name=model.id)
-            return
-        prompt_ids = model.render_chat(messages)
-        check_prompt(len(prompt_ids), model.context_length)
+        The prompt is checked before a generation slot is taken; without batching each request
+        runs as a batch of one.
+        """
+        peer = self.peer(model)
+        prepared = peer.prepare(messages)
         with self.gate:
-            if self.batching:
-                yield from self.scheduler(model).stream(prompt_ids, params, cancel, session_key=session_id)
-            else:
-                yield from stream_generate(model, prompt_ids, params, cancel)
+            yield from peer.stream(prepared, params, cancel, session_id)
 
     def context_limits(self, model) -> int:
-        return REMOTE_CONTEXT if getattr(model, "remote", None) is not None else model.context_length
+        return self.peer(model).context_length
 
     def token_counter(self, model):
-        if getattr(model, "remote", None) is not None:
-            return self.approx_tokens
-        return model.count_tokens
-
-    @staticmethod
-    def approx_tokens(text: str) -> int:
-        return (len(text) + 3) // 4
+        return self.peer(model).count_tokens
 
     def forget_session(self, session_id: str) -> None:
         """Drop whatever the engine caches for a deleted session (its KV prefix in every model)."""

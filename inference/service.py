@@ -27,6 +27,7 @@ from .config import AppConfig, default_memory_budget
 from .engine import Busy, Engine
 from .generate import Chunk, PromptTooLong
 from .params import GenerationParams, InvalidParams, parse_settings, split_settings
+from .peers import approx_tokens
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class ChatService:
     def _count_tokens_approx(self, text: str) -> int:
         """About four characters a token: the file list's estimate. Prompts are counted exactly, with the
         model's own tokenizer, when they are assembled."""
-        return self.engine.approx_tokens(text)
+        return approx_tokens(text)
 
     def list_files(self, owner: str, session_id: str) -> list[dict]:
         return self.store.list_files(owner, _required(session_id, "session_id"))

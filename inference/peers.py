@@ -1,0 +1,84 @@
+"""Local and remote models behind one small protocol: `stream`, `context_length`, `count_tokens`.
+
+The engine turns whatever the model manager hands out (a `LoadedModel`, or a remote engine's
+`ModelSpec`) into a peer once, in `peer_for`; nothing above asks which kind a model is.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterator, Protocol
+
+from .generate import Chunk, check_prompt, stream_generate
+from .params import GenerationParams
+
+REMOTE_CONTEXT = 8192  # assumed context of a remote engine, which does not tell us its own
+
+
+def approx_tokens(text: str) -> int:
+    """About four characters a token: for text no tokenizer of ours will see."""
+    return (len(text) + 3) // 4
+
+
+class Peer(Protocol):
+    context_length: int
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def prepare(self, messages: list[dict]) -> object:
+        """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`)."""
+
+    def stream(self, prepared: object, params: GenerationParams, cancel: threading.Event,
+               session_id: str | None = None) -> Iterator[Chunk]: ...
+
+
+class LocalPeer:
+    """A loaded model: its chat format and tokenizer, and the decode loop that serves it."""
+
+    def __init__(self, model, scheduler: Callable | None):
+        self.model = model
+        self.scheduler = scheduler  # the model's batch scheduler, or None to run each request alone
+        self.context_length = model.context_length
+
+    def count_tokens(self, text: str) -> int:
+        return self.model.count_tokens(text)
+
+    def prepare(self, messages: list[dict]) -> list[int]:
+        prompt_ids = self.model.render_chat(messages)
+        check_prompt(len(prompt_ids), self.context_length)
+        return prompt_ids
+
+    def stream(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
+               session_id: str | None = None) -> Iterator[Chunk]:
+        if self.scheduler is None:
+            return stream_generate(self.model, prompt_ids, params, cancel)
+        return self.scheduler().stream(prompt_ids, params, cancel, session_key=session_id)
+
+
+class RemotePeer:
+    """An OpenAI-compatible server: the messages go as they are; tokens are estimated."""
+
+    context_length = REMOTE_CONTEXT
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    @staticmethod
+    def count_tokens(text: str) -> int:
+        return approx_tokens(text)
+
+    def prepare(self, messages: list[dict]) -> list[dict]:
+        return messages
+
+    def stream(self, messages: list[dict], params: GenerationParams, cancel: threading.Event,
+               session_id: str | None = None) -> Iterator[Chunk]:
+        from .remote import stream_remote
+
+        return stream_remote(self.spec.remote, messages, params, cancel, name=self.spec.id)
+
+
+def peer_for(model, scheduler: Callable | None) -> Peer:
+    """The peer of what the model manager handed out: a remote engine's spec, or a loaded model."""
+    if getattr(model, "remote", None) is not None:
+        return RemotePeer(model)
+    return LocalPeer(model, scheduler)
