@@ -7,8 +7,9 @@
 - `<name>.q` (int8 [out, in]) and `<name>.scale` (float32 [out]) for every other matrix and for the
   token embedding (looked up by row, so it needs the int8 layout);
 
-and `<name>` in float32 for vectors (norms, biases). Streamed a few rows at a time, like the dense
-conversion. `load_quantized_model` memory-maps that file and builds the model around it: a warm
+and `<name>` in float32 for vectors (norms, biases). An int8 output projection over a large vocabulary
+also gets `<name>.coarse.packed` / `.coarse.scales_zeros`, an int4 rounding of it for `ShortlistHead`.
+Streamed a few rows at a time, like the dense conversion. `load_quantized_model` memory-maps that file and builds the model around it: a warm
 load maps what it needs instead of converting anything.
 """
 
@@ -51,6 +52,10 @@ class Part:
     @property
     def row_bytes(self) -> int:
         return math.prod(self.shape[1:]) * {"U8": 1, "I8": 1, "F32": 4}[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
 
 
 @dataclass
@@ -101,9 +106,8 @@ def plan_quantized(header: GGUFHeader, config) -> tuple[WeightPlan, list[QuantSl
         kind = choose_kind(slot)
         parts = []
         for part in _parts(slot, kind):
-            size = math.prod(part.shape) * part.row_bytes // max(1, math.prod(part.shape[1:]))
-            parts.append(Part(part.name, part.dtype, part.shape, offset, offset + size))
-            offset += size
+            parts.append(Part(part.name, part.dtype, part.shape, offset, offset + part.nbytes))
+            offset += part.nbytes
         slots.append(QuantSlot(slot, kind, parts))
     return plan, slots
 
