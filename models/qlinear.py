@@ -1,6 +1,6 @@
 """Linear layers and embeddings whose weights stay quantized in memory, on torch's CPU kernels.
 
-The one seam between a transformers model and the kernels: `quantize_modules` swaps each
+The one seam between a transformers model and the kernels: `install_quantized` swaps each
 `nn.Linear` (and the token embedding) for the module below that matches how its weight is
 stored, and leaves the model code alone.
 
