@@ -34,7 +34,7 @@ ProgressFn = Callable[[float, str], None]
 DEFAULT_MAX_CONTEXT = 8192  # cap on the context we serve, to bound KV-cache memory on small machines
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WEIGHTS = ("auto", "quantized", "dense")
-QUANT_FORMAT = 3  # version of the quantized cache layout (models/quant_checkpoint.py)
+QUANT_FORMAT = 2  # version of the quantized cache layout (models/quant_checkpoint.py)
 
 
 class LoadError(RuntimeError):

@@ -18,7 +18,6 @@ residual stream) runs in `compute_dtype`: bfloat16 where the CPU multiplies it n
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 from torch import nn
@@ -154,48 +153,6 @@ class ShortlistHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, shortlist={self.shortlist}"
 
 
-class FusedProjection(nn.Module):
-    """Projections of one input (q/k/v, gate/up) as one matrix: one kernel call computes them all.
-
-    The model calls each projection on its own, with the same input tensor; the first call computes
-    every part and keeps the rest for the calls that follow (per thread: each decode loop has its
-    own). A part called with another input computes the whole product again, so results never mix.
-    """
-
-    def __init__(self, linear: nn.Module, splits: list[int]):
-        super().__init__()
-        self.linear, self.splits = linear, list(splits)
-        self._pending = threading.local()
-
-    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        pending = self._pending
-        if getattr(pending, "x", None) is not x or index in pending.taken:
-            pending.x, pending.outputs, pending.taken = x, self.linear(x).split(self.splits, dim=-1), set()
-        pending.taken.add(index)
-        out = pending.outputs[index]
-        if len(pending.taken) == len(self.splits):  # every part handed out: hold nothing
-            pending.x = pending.outputs = None
-        return out
-
-
-class FusedPart(nn.Module):
-    """One projection of a `FusedProjection`, where the model expects its own `nn.Linear`."""
-
-    def __init__(self, fused: FusedProjection, index: int, in_features: int, out_features: int):
-        super().__init__()
-        self.__dict__["fused"] = fused  # not a submodule: its parent holds it, and it is counted once
-        self.index, self.in_features, self.out_features = index, in_features, out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused.part(x, self.index)
-
-    def extra_repr(self) -> str:
-        return f"part {self.index} of a fused projection, out_features={self.out_features}"
-
-
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 class Int8Embedding(nn.Module):
     """Token embedding from an int8 table with one scale per row (times `embed_scale`, as Gemma's)."""
 
@@ -231,7 +188,6 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
 
     embedding = None
     for module_name, module in list(model.named_modules()):
-        _install_fused(module, module_name, tensors, small)
         for child_name, child in list(module.named_children()):
             full = f"{module_name}.{child_name}" if module_name else child_name
             weight = full + ".weight"
@@ -260,30 +216,6 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     left = [name for name, buffer in model.named_buffers() if buffer is not None and buffer.is_meta]
     if left:
         raise ValueError(f"the quantized checkpoint left {left[0]} unset")
-
-
-def _install_fused(module: nn.Module, module_name: str, tensors: dict, small) -> None:
-    """Replace a module's q/k/v (gate/up) projections by the parts of one fused matrix, if stored so."""
-    for fused_name, members in FUSED.items():
-        weight = f"{module_name}.{fused_name}.weight" if module_name else f"{fused_name}.weight"
-        children = [getattr(module, member, None) for member in members]
-        if not all(isinstance(child, nn.Linear) for child in children):
-            continue
-        biases = [f"{module_name}.{member}.bias" for member in members]
-        bias = torch.cat([small(name) for name in biases]) if all(n in tensors for n in biases) else None
-        rows = sum(child.out_features for child in children)
-        if weight + ".packed" in tensors:
-            scales_zeros = tensors[weight + ".scales_zeros"].transpose(0, 1).to(KERNEL_DTYPE).contiguous()
-            linear = Int4Linear(children[0].in_features, rows, tensors[weight + ".packed"], scales_zeros, bias)
-        elif weight + ".q" in tensors:
-            linear = Int8Linear(children[0].in_features, rows, tensors[weight + ".q"],
-                                small(weight + ".scale", KERNEL_DTYPE), bias)
-        else:
-            continue
-        fused = FusedProjection(linear, [child.out_features for child in children])
-        setattr(module, "fused_" + fused_name, fused)
-        for index, (member, child) in enumerate(zip(members, children)):
-            setattr(module, member, FusedPart(fused, index, child.in_features, child.out_features))
 
 
 def _use_shortlist(model: nn.Module, tensors: dict) -> None:

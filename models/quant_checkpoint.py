@@ -6,8 +6,6 @@
   [out, in/32, 2]) where the GGUF blocks are Q4_0 / Q4_1 / Q4_K: repacked exactly;
 - `<name>.q` (int8 [out, in]) and `<name>.scale` (float32 [out]) for every other matrix and for the
   token embedding (looked up by row, so it needs the int8 layout);
-- projections that read one input (q/k/v, gate/up) as one matrix, `<module>.qkv_proj.weight.*` and
-  `<module>.gate_up_proj.weight.*`, where their kinds and widths agree;
 
 and `<name>` in float32 for vectors (norms, biases). An int8 output projection over a large vocabulary
 also gets `<name>.coarse.packed` / `.coarse.scales_zeros`, an int4 rounding of it for `ShortlistHead`.
@@ -31,7 +29,7 @@ import torch
 from .convert import (CHUNK_BYTES, MODEL_BUILD_LOCK, UnsupportedModel, WeightPlan, WeightSlot, _piece_bytes,
                       plan_weights, read_rows)
 from .gguf_file import GGUFHeader
-from .qlinear import FUSED, GROUP, pack_int4  # FUSED: projections of one input stored as one matrix
+from .qlinear import GROUP, pack_int4
 from .quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
 
 ProgressFn = Callable[[float, str], None]
@@ -101,71 +99,25 @@ def _parts(slot: WeightSlot, kind: str) -> list[Part]:
     return parts
 
 
-
-
-def _fusion_groups(kinds: dict[str, tuple[WeightSlot, str]]) -> dict[str, list[str]]:
-    """fused name -> member weight names, for members of one kind and width whose rows keep int4's
-    64-row packing blocks apart (each member starts on a multiple of 64 rows)."""
-    groups = {}
-    for name in kinds:
-        prefix, _, rest = name.rpartition(".")
-        module, _, _ = prefix.rpartition(".")
-        for fused, members in FUSED.items():
-            if rest != "weight" or not prefix.endswith("." + members[0]):
-                continue
-            names = [f"{module}.{member}.weight" for member in members]
-            if not all(n in kinds for n in names):
-                continue
-            found = [kinds[n] for n in names]
-            same_kind = len({kind for _, kind in found}) == 1 and found[0][1] in ("int4", "int8")
-            same_width = len({slot.shape[1] for slot, _ in found}) == 1
-            aligned = all(slot.shape[0] % ROW_ALIGN == 0 for slot, _ in found[:-1])
-            if same_kind and same_width and aligned and not any(has_coarse_copy(*f) for f in found):
-                groups[f"{module}.{fused}.weight"] = names
-    return groups
-
-
-def plan_quantized(header: GGUFHeader, config) -> tuple[WeightPlan, list[QuantSlot], list[Part]]:
-    """(the weight plan, each GGUF tensor with the file ranges its parts go to, the file's tensors)."""
+def plan_quantized(header: GGUFHeader, config) -> tuple[WeightPlan, list[QuantSlot]]:
     plan = plan_weights(header, config, torch.float32)
-    kinds = {slot.name: (slot, choose_kind(slot)) for slot in plan.slots}
-    groups = _fusion_groups(kinds)
-    member_of = {member: fused for fused, members in groups.items() for member in members}
-    tensors: list[Part] = []
-    targets: dict[str, list[Part]] = {}
-    offset = 0
+    slots, offset = [], 0
     for slot in plan.slots:
-        fused = member_of.get(slot.name)
-        if fused is None:
-            parts = []
-            for part in _parts(slot, kinds[slot.name][1]):
-                parts.append(Part(part.name, part.dtype, part.shape, offset, offset + part.nbytes))
-                offset += part.nbytes
-            tensors += parts
-            targets[slot.name] = parts
-        elif slot.name == groups[fused][0]:  # the group's first member lays out the fused tensors
-            members = [kinds[name][0] for name in groups[fused]]
-            rows = sum(member.shape[0] for member in members)
-            whole = []
-            for part in _parts(WeightSlot(fused, slot.source, (rows, slot.shape[1]), 0, 0, False), kinds[slot.name][1]):
-                whole.append(Part(part.name, part.dtype, part.shape, offset, offset + part.nbytes))
-                offset += part.nbytes
-            tensors += whole
-            first = 0
-            for member in members:
-                targets[member.name] = [
-                    Part(part.name, part.dtype, (member.shape[0], *part.shape[1:]),
-                         part.begin + first * part.row_bytes, part.begin + (first + member.shape[0]) * part.row_bytes)
-                    for part in whole]
-                first += member.shape[0]
-    slots = [QuantSlot(slot, kinds[slot.name][1], targets[slot.name]) for slot in plan.slots]
-    return plan, slots, tensors
+        kind = choose_kind(slot)
+        parts = []
+        for part in _parts(slot, kind):
+            parts.append(Part(part.name, part.dtype, part.shape, offset, offset + part.nbytes))
+            offset += part.nbytes
+        slots.append(QuantSlot(slot, kind, parts))
+    return plan, slots
 
 
-def _header_bytes(tensors: list[Part]) -> bytes:
+def _header_bytes(slots: list[QuantSlot]) -> bytes:
     entries: dict = {"__metadata__": {"format": "pt", "layout": "quantized"}}
-    for part in tensors:
-        entries[part.name] = {"dtype": part.dtype, "shape": list(part.shape), "data_offsets": [part.begin, part.end]}
+    for quant in slots:
+        for part in quant.parts:
+            entries[part.name] = {"dtype": part.dtype, "shape": list(part.shape),
+                                  "data_offsets": [part.begin, part.end]}
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
@@ -231,11 +183,11 @@ def _int4_bytes(q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> list[np.nd
 
 def write_quantized_weights(header: GGUFHeader, config, path: Path, progress: ProgressFn | None = None) -> None:
     """Write the quantized `model.safetensors` for `header`, streamed a few rows at a time."""
-    plan, slots, tensors = plan_quantized(header, config)
-    head = _header_bytes(tensors)
+    plan, slots = plan_quantized(header, config)
+    head = _header_bytes(slots)
     base = len(head)
     jobs = [(index, quant, rows) for index, quant in enumerate(slots) for rows in _row_ranges(quant)]
-    total = sum(part.nbytes for part in tensors)
+    total = sum(part.end - part.begin for quant in slots for part in quant.parts)
     with path.open("wb") as out, ThreadPoolExecutor(max_workers=2) as pool:
         out.write(head)
         out.truncate(base + total)
