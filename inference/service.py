@@ -11,7 +11,6 @@ import itertools
 import logging
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
