@@ -34,10 +34,14 @@ class ParseLimits:
     max_bytes: int = 50 * 1024 * 1024
     max_pages: int = 2000
     max_docx_uncompressed: int = 200 * 1024 * 1024
+    # Text a document may hold once extracted: a few hundred KB of PDF or DOCX can expand to hundreds of
+    # millions of characters (one content stream drawn on every page, repeated runs), which every chat
+    # turn would then tokenize. 5 M characters is about 2,500 pages of prose.
+    max_chars: int = 5_000_000
     timeout_s: float = 60.0
 
     def __post_init__(self):
-        for key in ("max_bytes", "max_pages", "max_docx_uncompressed", "timeout_s"):
+        for key in ("max_bytes", "max_pages", "max_docx_uncompressed", "max_chars", "timeout_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"ParseLimits.{key} must be positive, got {getattr(self, key)!r}")
 
@@ -47,6 +51,7 @@ class ParseLimits:
             "max_bytes": self.max_bytes,
             "max_pages": self.max_pages,
             "max_docx_uncompressed": self.max_docx_uncompressed,
+            "max_chars": self.max_chars,
             "timeout_s": self.timeout_s,
         }
 

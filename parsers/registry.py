@@ -40,13 +40,17 @@ def parse(path, limits: ParseLimits | None = None, *, name: str | None = None) -
     parser = parser_for(name)
     check_file(path, limits, name)
     try:
-        return parser(path, limits, name)
+        document = parser(path, limits, name)
     except ParseError:
         raise
     except MemoryError as exc:
         raise ParseError(f"'{name}' is too large to parse in memory.") from exc
     except Exception as exc:  # a parser bug or a library surprise: still a clear error
         raise ParseError(f"'{name}' could not be read ({type(exc).__name__}: {exc}).") from exc
+    if len(document.text) > limits.max_chars:  # refused here, in the worker: the text never travels back
+        raise ParseError(f"'{name}' holds {len(document.text):,} characters of text; the limit is "
+                         f"{limits.max_chars:,}. Split it, or upload the part you need.")
+    return document
 
 
 def parser_for(name: str) -> Parser:

@@ -232,3 +232,16 @@ def test_code_in_a_legacy_encoding(tmp_path):
     source = "# коментар українською мовою, щоб перевірити кодування файлу\nprint('привіт, світ')\n"
     doc = parsers.parse(write(tmp_path, "hello.py", source.encode("cp1251")))
     assert doc.text == source and doc.metadata["language"] == "python"
+
+
+def test_text_beyond_the_character_limit_is_refused_clearly(tmp_path):
+    """A small file whose text expands past the limit (a zip-compressed DOCX, a PDF repeating one
+    content stream) is refused with the figures, instead of costing every chat turn that much text."""
+    path = tmp_path / "long.txt"
+    path.write_text("word " * 2_000)  # 10,000 characters
+    with pytest.raises(ParseError, match=r"10,000 characters of text; the limit is 9,999"):
+        parsers.parse(path, ParseLimits(max_chars=9_999))
+    assert len(parsers.parse(path, ParseLimits(max_chars=10_000)).text) == 10_000
+    with pytest.raises(ValueError):
+        ParseLimits(max_chars=0)
+    assert ParseLimits.from_dict(ParseLimits(max_chars=123).to_dict()).max_chars == 123
