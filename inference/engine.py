@@ -23,14 +23,8 @@ class Busy(RuntimeError):
     retry_after_s = 2
 
 
-class Cancelled(Exception):
-    """The request was cancelled (its client left) while it waited for a generation slot."""
-
-
 class AdmissionGate:
     """At most `max_running` holders at once, at most `max_waiting` waiting; the rest are refused."""
-
-    CANCEL_POLL_S = 0.1  # a waiter notices its cancel event this often
 
     def __init__(self, max_running: int, max_waiting: int, wait_timeout_s: float = 300.0):
         self.max_running, self.max_waiting, self.wait_timeout_s = max_running, max_waiting, wait_timeout_s
@@ -39,17 +33,6 @@ class AdmissionGate:
         self.waiting = 0
 
     def __enter__(self) -> "AdmissionGate":
-        self.enter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with self._cond:
-            self.running -= 1
-            self._cond.notify()
-
-    def enter(self, cancel: threading.Event | None = None) -> None:
-        """Take a slot, waiting for one if the queue has room; a wait ends early with `Cancelled` once
-        `cancel` is set (release the slot with `__exit__`)."""
         with self._cond:
             if self.running >= self.max_running:
                 if self.waiting >= self.max_waiting:
@@ -57,20 +40,21 @@ class AdmissionGate:
                                "try again in a moment")
                 self.waiting += 1
                 try:
-                    self._wait(cancel)
+                    deadline = time.monotonic() + self.wait_timeout_s
+                    while self.running >= self.max_running:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not self._cond.wait(left):
+                            if self.running >= self.max_running:
+                                raise Busy("the server stayed busy too long; try again in a moment")
                 finally:
                     self.waiting -= 1
             self.running += 1
+        return self
 
-    def _wait(self, cancel: threading.Event | None) -> None:
-        deadline = time.monotonic() + self.wait_timeout_s
-        while self.running >= self.max_running:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Busy("the server stayed busy too long; try again in a moment")
-            self._cond.wait(min(left, self.CANCEL_POLL_S) if cancel is not None else left)
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self.running -= 1
+            self._cond.notify()
 
 
 class Engine:
@@ -109,15 +93,8 @@ class Engine:
         """
         peer = self.peer(model)
         prepared = peer.prepare(messages)
-        try:
-            self.gate.enter(cancel)
-        except Cancelled:  # stopped (or the client left) while waiting for a slot: nothing was generated
-            yield Chunk(finish_reason="cancelled")
-            return
-        try:
+        with self.gate:
             yield from peer.stream(prepared, params, cancel, session_id)
-        finally:
-            self.gate.__exit__()
 
     def context_limits(self, model) -> int:
         return self.peer(model).context_length

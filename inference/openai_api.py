@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Request
@@ -56,12 +55,6 @@ class APIError(Exception):
 
 def create_router(service, api_key: str | None = None) -> APIRouter:
     router = APIRouter()
-    # The blocking side of every /v1 generation (waiting for a slot, then each chunk) runs here, not in
-    # asyncio's default pool (6 threads on 2 cores): requests waiting for a slot would take every thread
-    # of that pool and leave the running generations none to deliver their next chunk (or to finish and
-    # free a slot). Room for every generation the engine runs or queues, and a few more.
-    workers = ThreadPoolExecutor(max_workers=service.config.max_concurrent_generations
-                                 + service.config.max_queue + 8, thread_name_prefix="v1-stream")
 
     def check_key(request: Request) -> None:
         if not api_key:
@@ -101,13 +94,9 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             session_id = request.headers.get("x-session-id")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.store.owner_of(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
-            chunks = _open_stream(service, model_id, messages, params, session_id, owner, workers)
+            chunks = _open_stream(service, model_id, messages, params, session_id, owner)
             cancel = chunks.cancel
-            try:  # load errors and "busy" surface here, as HTTP errors
-                first = await _next_or_disconnect(request, chunks, chunks.first)
-            except _Disconnected:  # left while waiting for a slot: the wait ends, the thread is free again
-                await chunks.run(chunks.close)
-                return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+            first = await asyncio.to_thread(chunks.first)  # load errors surface here, as HTTP errors
         except APIError as error:
             return error.response()
         except Exception:  # a bug: still answer in OpenAI's shape, and keep the details in the log
@@ -196,15 +185,11 @@ def _include_usage(body: dict) -> bool:
 
 
 class _ChunkSource:
-    """Runs the engine's (blocking) generator on the router's worker threads, one chunk at a time."""
+    """Runs the engine's (blocking) generator on a worker thread, one chunk at a time."""
 
-    def __init__(self, iterator: Iterator, cancel: threading.Event, workers: ThreadPoolExecutor):
-        self.iterator, self.cancel, self.workers = iterator, cancel, workers
+    def __init__(self, iterator: Iterator, cancel: threading.Event):
+        self.iterator, self.cancel = iterator, cancel
         self.lock = threading.Lock()
-
-    def run(self, function):
-        """`function()` on a worker thread, awaitable."""
-        return asyncio.get_running_loop().run_in_executor(self.workers, function)
 
     def first(self):
         try:
@@ -226,13 +211,13 @@ class _ChunkSource:
                 close()
 
 
-def _open_stream(service, model_id, messages, params, session_id, owner, workers) -> _ChunkSource:
+def _open_stream(service, model_id, messages, params, session_id, owner) -> _ChunkSource:
     cancel = threading.Event()
     if session_id:
         iterator = _session_stream(service, owner, session_id, model_id, messages, params, cancel)
     else:
         iterator = service.complete(model_id, messages, params, cancel)
-    return _ChunkSource(iterator, cancel, workers)
+    return _ChunkSource(iterator, cancel)
 
 
 def _session_stream(service, owner, session_id, model_id, messages, params, cancel):
@@ -311,21 +296,20 @@ async def _sse_events(request: Request, source: _ChunkSource, first, cancel, com
     finally:
         if not done:
             cancel.set()
-        await source.run(source.close)
+        await asyncio.to_thread(source.close)
 
 
 class _Disconnected(Exception):
     pass
 
 
-async def _next_or_disconnect(request: Request, source: _ChunkSource, step=None):
-    """The next chunk (or `step()`'s result); if the client disconnects meanwhile, cancel the
-    generation and raise.
+async def _next_or_disconnect(request: Request, source: _ChunkSource):
+    """The next chunk; if the client disconnects meanwhile, cancel the generation and raise.
 
     The connection is checked after every chunk as well as every 50 ms while waiting: a fast model
     produces a token sooner than that, and a non-streaming request has no failed write to notice.
     """
-    task = asyncio.ensure_future(source.run(step or (lambda: _next_or_none(source))))
+    task = asyncio.ensure_future(asyncio.to_thread(_next_or_none, source))
     while True:
         finished, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if await request.is_disconnected():
@@ -356,7 +340,7 @@ async def _collect(request, source: _ChunkSource, first, cancel, completion_id, 
     except Exception as error:
         return _as_api_error(error).response()
     finally:
-        await source.run(source.close)
+        await asyncio.to_thread(source.close)
     prompt_tokens = getattr(last, "prompt_tokens", 0) if last else 0
     completion_tokens = getattr(last, "completion_tokens", 0) if last else 0
     return {
