@@ -93,6 +93,7 @@ class AppConfig:
     prefix_cache: bool = True  # reuse a session's KV cache across turns
     prefix_cache_bytes: int = 256 * 2**20
     weights: str = "auto"  # "auto" | "quantized" | "dense": how GGUF weights are held (models/loader.py)
+    kernels: str = "auto"  # "auto" | "torch" | "native": CPU kernels of quantized weights (models/loader.py)
 
     @property
     def models_dir(self) -> Path:
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quantized: keep the GGUF's 4-8 bit blocks in memory and multiply with int4/int8 "
                              "CPU kernels; dense: dequantize to bfloat16/float16 (the exact path; CUDA always); "
                              "auto: quantized on the CPU, dense on CUDA (env LLM_WEIGHTS)")
+    parser.add_argument("--cpu-kernels", choices=("auto", "torch", "native"), default=env.get("LLM_CPU_KERNELS", "auto"),
+                        help="what multiplies quantized weights in decode steps: native = a small AVX2 C kernel "
+                             "with int8 activations, built with the system's C compiler on first use; torch = "
+                             "torch's own int4/int8 kernels; auto: native on AVX2 CPUs without native bfloat16 "
+                             "when it builds, else torch (env LLM_CPU_KERNELS)")
     return parser
 
 
@@ -170,4 +176,5 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         max_upload_bytes=args.max_upload, max_files_per_session=max(1, args.max_files),
         parse_timeout_s=args.parse_timeout or 120.0, max_context=max(256, args.max_context),
         batching=args.batching, prefix_cache=args.prefix_cache, weights=args.weights,
+        kernels=args.cpu_kernels,
     )

@@ -56,7 +56,7 @@ class ChatService:
         budget = config.memory_budget or default_memory_budget()
         self.manager = ModelManager(
             self.catalog, config.cache_dir, memory_budget=budget, idle_unload_s=config.idle_unload_s,
-            options=LoadOptions(max_context=config.max_context, weights=config.weights),
+            options=LoadOptions(max_context=config.max_context, weights=config.weights, kernels=config.kernels),
         )
         self.engine = Engine(max_concurrent=config.max_concurrent_generations, max_queue=config.max_queue,
                              batching=config.batching,

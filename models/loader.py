@@ -34,6 +34,7 @@ ProgressFn = Callable[[float, str], None]
 DEFAULT_MAX_CONTEXT = 8192  # cap on the context we serve, to bound KV-cache memory on small machines
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WEIGHTS = ("auto", "quantized", "dense")
+KERNELS = ("auto", "torch", "native")
 QUANT_FORMAT = 2  # version of the quantized cache layout (models/quant_checkpoint.py)
 
 
@@ -49,6 +50,10 @@ class LoadOptions:
     # "quantized": keep the GGUF's quantized blocks (int4/int8 CPU kernels); "dense": dequantize to
     # `dtype` (the exact path); "auto": quantized on the CPU, dense on CUDA.
     weights: str = "auto"
+    # CPU kernels of quantized weights: "auto" = the AVX2 int8 kernel where the CPU lacks native
+    # bfloat16 and it builds (models/native_kernels.py), torch's elsewhere; "torch" = torch's always;
+    # "native" = the AVX2 kernel on any AVX2 CPU (an error if it can't be had).
+    kernels: str = "auto"
     max_context: int = DEFAULT_MAX_CONTEXT
 
 
@@ -67,6 +72,7 @@ class LoadedModel:
     memory_bytes: int
     load_seconds: float = 0.0
     weights: str = "dense"  # "quantized" | "dense": how the weights are held
+    kernels: str = "torch"  # "native" | "torch": what multiplies the int8 weights of decode steps
     runtime: dict = field(default_factory=dict)  # engine state that lives and dies with these weights
 
     def render_chat(self, messages: list[dict]) -> list[int]:
@@ -247,6 +253,22 @@ def stop_ids(tokenizer, chat_format: ChatFormat) -> frozenset[int]:
     return frozenset(ids)
 
 
+def pick_kernels(cache_root: Path, options: LoadOptions):
+    """The AVX2 int8 kernels a quantized model should use (models/native_kernels.py), or None."""
+    from . import native_kernels
+
+    if options.kernels not in KERNELS:
+        raise LoadError(f"unknown kernels {options.kernels!r}; use one of {', '.join(KERNELS)}")
+    if options.kernels == "torch" or (options.kernels == "auto" and not native_kernels.cpu_wants_native()):
+        return None
+    if options.kernels == "native" and not native_kernels.cpu_has_avx2():
+        raise LoadError("kernels='native' needs an x86 CPU with AVX2 and FMA; use 'auto' or 'torch'")
+    kernels = native_kernels.load_kernels(cache_root / "kernels")
+    if kernels is None and options.kernels == "native":
+        raise LoadError("the AVX2 int8 kernel could not be built here (see the log); use 'auto' or 'torch'")
+    return kernels
+
+
 def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype, weights: str,
                        progress: ProgressFn | None = None) -> Path:
     """The cached checkpoint folder of `header`'s file, converted first if missing or damaged."""
@@ -282,10 +304,11 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     # transformers' lazy module is not safe to import from two threads at once: import first.
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
+    native = pick_kernels(cache_root, options) if weights == "quantized" else None
     with ThreadPoolExecutor(max_workers=1) as pool:
         tokenizer_future = pool.submit(load_tokenizer, folder)
         if weights == "quantized":
-            model = load_quantized_model(folder, dtype)
+            model = load_quantized_model(folder, dtype, native=native)
         else:
             model = load_weights(folder, device, dtype, options.quantization)
         tokenizer = tokenizer_future.result()
@@ -299,4 +322,5 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         device=device, dtype=dtype, architecture=header.architecture,
         stop_token_ids=stop_ids(tokenizer, chat_format), memory_bytes=memory,
         load_seconds=time.perf_counter() - started, weights=weights,
+        kernels="torch" if native is None else "native",
     )

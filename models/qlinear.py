@@ -5,7 +5,8 @@ The one seam between a transformers model and the kernels: `install_quantized` s
 stored, and leaves the model code alone.
 
 - `Int4Linear`: `torch._weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero each.
-- `Int8Linear`: `torch._weight_int8pack_mm`, one scale per output row.
+- `Int8Linear`: `torch._weight_int8pack_mm`, one scale per output row; on AVX2 CPUs the C kernel of
+  models/native_kernels.py for decode-sized inputs (int8 activations, ~2-3x faster there).
 - `Int8Embedding`: looks rows up in the int8 table and scales them; it shares its table with the
   output projection when the model ties the two (Gemma), so the largest matrix is held once.
 
@@ -99,18 +100,29 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) with W int8 and one scale per output row."""
+    """y = x W^T (+ b) with W int8 and one scale per output row.
+
+    `native`: the AVX2 kernel (models/native_kernels.py), used for inputs of fewer than `WIDE_ROWS`
+    rows; it quantizes the activations to int8 in blocks of 32, so its results differ from the
+    bfloat16-input kernel's by rounding (the quality gate in tests/test_models_bundled.py bounds it).
+    """
 
     def __init__(self, in_features: int, out_features: int, q: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, native=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
+        self.native = native if native is not None and native.supports(in_features) else None
+        if self.native is not None:
+            self.register_buffer("scale32", scale.float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self.native is not None and rows < WIDE_ROWS:
+            y = self.native.matmul(_flat(x, self.in_features, torch.float32), self.q, self.scale32)
+            return _finish(y, x, self.out_features, self.bias)
         if rows >= WIDE_ROWS and self.q.numel() <= WIDE_MAX_WEIGHTS and x.dtype.is_floating_point:
             weight = self.q.to(x.dtype) * self.scale.to(x.dtype).unsqueeze(1)
             return torch.nn.functional.linear(x, weight, self.bias)
@@ -119,7 +131,8 @@ class Int8Linear(nn.Module):
         return _finish(y, x, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
+        kernel = ", AVX2 int8 kernel" if self.native is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row{kernel}"
 
 
 class ShortlistHead(nn.Module):
@@ -174,13 +187,14 @@ class Int8Embedding(nn.Module):
 
 
 def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                      shortlist: bool = False) -> None:
+                      shortlist: bool = False, native=None) -> None:
     """Fill a model built on the meta device from a quantized checkpoint's `tensors`.
 
     Each `nn.Linear` whose weight is stored as int4 or int8 becomes an `Int4Linear` /
     `Int8Linear`, the token embedding an `Int8Embedding`, a tied output projection shares the
     embedding's table, and every other parameter is set from its float32 tensor in `dtype`.
     `shortlist`: an int8 output projection with a coarse copy becomes a `ShortlistHead`.
+    `native`: the AVX2 kernels (models/native_kernels.py) every `Int8Linear` uses for decode steps.
     Raises `ValueError` if anything the model needs is missing from `tensors`.
     """
     def small(name: str, to: torch.dtype = dtype) -> torch.Tensor:  # scales, vectors: converted (copied)
@@ -197,7 +211,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
                 new = Int4Linear(child.in_features, child.out_features, tensors[weight + ".packed"], scales_zeros, bias)
             elif isinstance(child, nn.Linear) and weight + ".q" in tensors:
                 new = Int8Linear(child.in_features, child.out_features, tensors[weight + ".q"],
-                                 small(weight + ".scale", KERNEL_DTYPE), bias)
+                                 small(weight + ".scale", KERNEL_DTYPE), bias, native)
             elif isinstance(child, nn.Embedding) and weight + ".q" in tensors:
                 scale = getattr(child, "embed_scale", None)
                 new = embedding = Int8Embedding(tensors[weight + ".q"], small(weight + ".scale", KERNEL_DTYPE),
@@ -205,7 +219,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
             else:
                 continue
             setattr(module, child_name, new)
-    _tie_output(model, tensors, embedding)
+    _tie_output(model, tensors, embedding, native)
     if shortlist:
         _use_shortlist(model, tensors)
     for name, param in list(model.named_parameters()):
@@ -232,11 +246,11 @@ def _use_shortlist(model: nn.Module, tensors: dict) -> None:
             return
 
 
-def _tie_output(model: nn.Module, tensors: dict, embedding: Int8Embedding | None) -> None:
+def _tie_output(model: nn.Module, tensors: dict, embedding: Int8Embedding | None, native=None) -> None:
     """A model without its own output weights projects with the embedding table (Gemma, tied llama)."""
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear) or "lm_head.weight.q" in tensors or "lm_head.weight.packed" in tensors:
         return
     if embedding is None:
         raise ValueError("the quantized checkpoint has neither an output projection nor an embedding table")
-    model.lm_head = Int8Linear(head.in_features, head.out_features, embedding.q, embedding.scale)
+    model.lm_head = Int8Linear(head.in_features, head.out_features, embedding.q, embedding.scale, native=native)

@@ -226,11 +226,13 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | None = None):
+def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | None = None, native=None):
     """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate.
 
     `shortlist`: project the output through `ShortlistHead` where the checkpoint has a coarse copy;
-    None = where the CPU has no native bfloat16 (there int4 reads the table ~2x faster than int8).
+    None = where the CPU has no native bfloat16 and no `native` kernels are given (there torch's int4
+    kernel reads the table ~2x faster than its int8 one; the AVX2 kernel is faster than both).
+    `native`: the AVX2 int8 kernels (models/native_kernels.py) for the int8 layers' decode steps.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -245,6 +247,6 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
     if shortlist is None:
         from .cpu_matmul import cpu_has_native_bf16
 
-        shortlist = not cpu_has_native_bf16()
-    install_quantized(model, tensors, dtype, shortlist=shortlist)
+        shortlist = native is None and not cpu_has_native_bf16()
+    install_quantized(model, tensors, dtype, shortlist=shortlist, native=native)
     return model.eval()

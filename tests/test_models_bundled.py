@@ -105,3 +105,35 @@ def test_quantized_weights_keep_the_quality_of_the_exact_path(gemma, model_cache
     quantized = mean_nll(dataclasses.replace(gemma, model=model), ids)
     assert abs(quantized - exact) <= 0.01 * exact, (quantized, exact)
     assert gemma.memory_bytes < 0.75 * exact_bytes
+
+
+def chunked_nll(lm, ids: list[int], chunk: int = 16) -> float:
+    """Mean NLL with the text fed `chunk` tokens at a time through the KV cache: the decode-sized
+    inputs the AVX2 kernel serves (a single forward over the whole text takes the prefill path)."""
+    from inference import kv
+
+    cache, logits = kv.new_cache(), []
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            piece = torch.tensor([ids[start:start + chunk]], device=lm.device)
+            positions = torch.arange(start, start + piece.shape[1], device=lm.device)[None]
+            logits.append(lm.model(input_ids=piece, cache=cache, position_ids=positions, use_cache=True).logits[0])
+    logits = torch.cat(logits)[:-1].float()
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=lm.device)).item()
+
+
+def test_avx2_int8_kernel_keeps_the_quality_of_the_exact_path(bundled_model, model_cache, exact_nll):
+    """The AVX2 kernel quantizes activations to int8 (models/native_kernels.py): the same 1% gate,
+    measured on decode-sized inputs, where it runs."""
+    import shutil
+
+    from models import native_kernels
+    from models.loader import LoadOptions
+
+    if not native_kernels.cpu_has_avx2() or not shutil.which("cc"):
+        pytest.skip("the kernel needs an x86 CPU with AVX2 and a C compiler")
+    native = load_model(bundled_model, model_cache, LoadOptions(kernels="native"))
+    assert native.kernels == "native"
+    ids, exact, _ = exact_nll
+    measured = chunked_nll(native, ids)
+    assert abs(measured - exact) <= 0.01 * exact, (measured, exact)

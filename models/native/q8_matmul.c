@@ -1,0 +1,69 @@
+/* int8 weights x int8 activations for small row counts (decode steps) on AVX2 CPUs.
+ *
+ * y[i, r] = wscale[r] * sum_b xscale[i, b] * dot(w[r, 32b : 32b+32], xq[i, 32b : 32b+32])
+ *
+ * Each activation row is quantized to int8 in blocks of 32 values, one float scale per block;
+ * the weights are int8 with one float scale per output row (models/qlinear.py's Int8Linear).
+ * The dot products run on 8-bit integer multiplies (vpmaddubsw), so a weight costs one byte read
+ * and a fraction of an instruction: torch's int8 kernel converts each weight to float first,
+ * which leaves an AVX2 CPU compute-bound (bench/RESULTS.md).
+ *
+ * Built at run time by models/native_kernels.py; nothing here depends on Python or torch.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 32
+
+int q8_block(void) { return BLOCK; }
+
+static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale) {
+  for (int64_t b = 0; b < k / BLOCK; b++) {
+    const float *xb = x + b * BLOCK;
+    float largest = 0.f;
+    for (int i = 0; i < BLOCK; i++) {
+      float a = fabsf(xb[i]);
+      largest = a > largest ? a : largest;
+    }
+    float d = largest / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
+    scale[b] = d;
+    for (int i = 0; i < BLOCK; i++) q[b * BLOCK + i] = (int8_t)lrintf(xb[i] * inverse);
+  }
+}
+
+static inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+/* sum_b scale[b] * dot(w[32b..], q[32b..]) over k / 32 blocks */
+static inline float dot_row(const int8_t *w, const int8_t *q, const float *scale, int64_t blocks) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; b++) {
+    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
+    __m256i qv = _mm256_loadu_si256((const __m256i *)(q + b * BLOCK));
+    /* vpmaddubsw multiplies unsigned by signed bytes: move q's sign onto w */
+    __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(qv, qv), _mm256_sign_epi8(wv, qv));
+    __m256i sums = _mm256_madd_epi16(products, ones);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale[b]), acc);
+  }
+  return sum8(acc);
+}
+
+/* x: [m, k] float32; w: [n, k] int8; wscale: [n] float32; xq: [m, k] and xscale: [m, k/32] scratch;
+ * y: [m, n] float32. k must be a multiple of 32. */
+void q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *w, const float *wscale, int64_t n,
+               int8_t *xq, float *xscale, float *y, int threads) {
+  int64_t blocks = k / BLOCK;
+  for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < n; r++) {
+    const int8_t *wr = w + r * k;
+    for (int64_t i = 0; i < m; i++)
+      y[i * n + r] = wscale[r] * dot_row(wr, xq + i * k, xscale + i * blocks, blocks);
+  }
+}

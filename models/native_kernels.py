@@ -1,0 +1,140 @@
+"""A small C kernel for int8 weights on AVX2 CPUs, built at run time and called through ctypes.
+
+Where the CPU has no native bfloat16 (AVX2 only), torch's int8 and int4 weight kernels convert every
+weight to float before multiplying and are compute-bound: the 262,144 x 640 output table of Gemma 3
+takes them 35-40 ms a token. `native/q8_matmul.c` quantizes the activations to int8 in blocks of 32
+(as llama.cpp does for its own dot products) and multiplies bytes by bytes, which makes a decode
+step read-bound: ~13 ms for that table (bench/RESULTS.md).
+
+The kernel is used only where it helps and works: an x86 CPU with AVX2 and FMA and no native
+bfloat16, a C compiler on the PATH (`cc`, or `CC`), a build that succeeds and a self-check against
+torch that agrees. Otherwise `load_kernels` returns None and torch's kernels serve (models/qlinear.py);
+`LoadOptions(kernels="torch")` / `--cpu-kernels torch` choose them on every CPU. The library is built
+once per source version into `build_dir` (about a second) and reused by later starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "q8_matmul.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+BLOCK = 32  # activation values per scale; the kernel's BLOCK
+BUILD_TIMEOUT_S = 120
+_loaded: dict[str, "Q8Kernels | None"] = {}
+_lock = threading.Lock()
+
+
+class Q8Kernels:
+    """The loaded library: `matmul(x, q, scale)` = x @ (q * scale[:, None]).T with int8 activations."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._lib.q8_matmul.argtypes = [p, i64, i64, p, p, i64, p, p, p, ctypes.c_int]
+        self._lib.q8_matmul.restype = None
+        if self._lib.q8_block() != BLOCK:
+            raise RuntimeError("the built kernel's block size differs from this module's")
+
+    @staticmethod
+    def supports(in_features: int) -> bool:
+        return in_features % BLOCK == 0
+
+    def matmul(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [m, k] float32 contiguous, q [n, k] int8 contiguous, scale [n] float32 -> [m, n] float32."""
+        m, k = x.shape
+        n = q.shape[0]
+        xq = torch.empty(m, k, dtype=torch.int8)
+        xscale = torch.empty(m, k // BLOCK, dtype=torch.float32)
+        y = torch.empty(m, n, dtype=torch.float32)
+        self._lib.q8_matmul(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), n, xq.data_ptr(),
+                            xscale.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+def cpu_has_avx2() -> bool:
+    """An x86 CPU with AVX2 and FMA: what the kernel's instructions need."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return {"avx2", "fma"} <= flags
+
+
+def cpu_wants_native() -> bool:
+    """AVX2 and FMA, and bfloat16 emulated: where torch's kernels are compute-bound and this one wins."""
+    from .cpu_matmul import cpu_has_native_bf16
+
+    return cpu_has_avx2() and not cpu_has_native_bf16()
+
+
+def load_kernels(build_dir: Path, compiler: str | None = None) -> Q8Kernels | None:
+    """The kernels built into `build_dir` (built now if missing), or None where they can't be had.
+
+    Never raises: a missing compiler, a failed build or a failed self-check logs why and returns None.
+    """
+    key = f"{build_dir}|{compiler}"
+    with _lock:
+        if key not in _loaded:
+            _loaded[key] = _build_and_check(Path(build_dir), compiler)
+        return _loaded[key]
+
+
+def _build_and_check(build_dir: Path, compiler: str | None) -> Q8Kernels | None:
+    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler or not shutil.which(compiler):
+        log.info("no C compiler found: the AVX2 int8 kernel is not built; torch's kernels serve")
+        return None
+    try:
+        kernels = Q8Kernels(_built_library(build_dir, compiler))
+        _self_check(kernels)
+    except Exception as error:  # any failure leaves torch's kernels in charge
+        log.warning("the AVX2 int8 kernel is not used (%s); torch's kernels serve", error)
+        return None
+    log.info("AVX2 int8 kernel ready: %s", kernels.path)
+    return kernels
+
+
+def _built_library(build_dir: Path, compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.machine().encode()).hexdigest()[:12]
+    target = build_dir / f"q8_matmul-{digest}.so"
+    if target.exists():
+        return target
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=build_dir) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                text=True, timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-300:]}")
+        os.replace(built, target)  # atomic: another process sees the whole library or none
+    return target
+
+
+def _self_check(kernels: Q8Kernels) -> None:
+    """The kernel against a float reference on random data: int8 activations cost ~1% at most."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4 * BLOCK, generator=generator)
+    q = torch.randint(-127, 128, (40, 4 * BLOCK), generator=generator, dtype=torch.int8)
+    scale = torch.rand(40, generator=generator) / 100
+    expected = x @ (q.float() * scale[:, None]).t()
+    error = (kernels.matmul(x, q, scale) - expected).norm() / expected.norm()
+    if not error < 0.02:
+        raise RuntimeError(f"self-check failed (relative error {float(error):.3g})")
