@@ -114,7 +114,8 @@ def test_quantized_model_follows_the_dense_one(mixed_models, tmp_path, arch, act
     assert quant.weights == "quantized" and dense.weights == "dense"
     assert quant.dtype == getattr(torch, activations)
     kinds = {type(module).__name__ for module in quant.model.modules()}
-    assert {"Int4Linear", "Int8Linear", "Int8Embedding"} <= kinds and "Linear" not in kinds
+    assert {"Int4Linear", "Int8Linear", "Int8Embedding", "FusedRMSNorm"} <= kinds and "Linear" not in kinds
+    assert not any(name.endswith("RMSNorm") and name != "FusedRMSNorm" for name in kinds)
     ids = quant.encode("The quick brown fox jumps over the lazy dog.")
     want, got = logits_of(dense, ids), logits_of(quant, ids)
     assert (got - want).norm() / want.norm() < (0.03 if activations == "float32" else 0.06)
