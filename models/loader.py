@@ -35,7 +35,7 @@ DEFAULT_MAX_CONTEXT = 8192  # cap on the context we serve, to bound KV-cache mem
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WEIGHTS = ("auto", "quantized", "dense")
 KERNELS = ("auto", "torch", "native")
-QUANT_FORMAT = 2  # version of the quantized cache layout (models/quant_checkpoint.py)
+QUANT_FORMAT = 3  # version of the quantized cache layout (models/quant_checkpoint.py)
 
 
 class LoadError(RuntimeError):

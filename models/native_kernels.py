@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "q8_matmul.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 BLOCK = 32  # activation values per scale; the kernel's BLOCK
 BUILD_TIMEOUT_S = 120
 _loaded: dict[str, "Q8Kernels | None"] = {}
@@ -39,7 +39,8 @@ _lock = threading.Lock()
 
 
 class Q8Kernels:
-    """The loaded library: `matmul(x, q, scale)` = x @ (q * scale[:, None]).T with int8 activations."""
+    """The loaded library: `matmul(x, q, scale)` = x @ (q * scale[:, None]).T and `matmul4(x, nibbles,
+    scales_zeros)` for 4-bit groups of 32, both with int8 activations."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -47,6 +48,8 @@ class Q8Kernels:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self._lib.q8_matmul.argtypes = [p, i64, i64, p, p, i64, p, p, p, ctypes.c_int]
         self._lib.q8_matmul.restype = None
+        self._lib.q4_matmul.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, ctypes.c_int]
+        self._lib.q4_matmul.restype = None
         if self._lib.q8_block() != BLOCK:
             raise RuntimeError("the built kernel's block size differs from this module's")
 
@@ -65,16 +68,37 @@ class Q8Kernels:
                             xscale.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
+    def matmul4(self, x: torch.Tensor, nibbles: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+        """x [m, k] float32; nibbles [n, k/2] uint8 (`pack_nibbles`); scales_zeros [n, k/32, 2] float16
+        with w = scale * (q - 8) + zero -> [m, n] float32."""
+        m, k = x.shape
+        n = nibbles.shape[0]
+        xq = torch.empty(m, k, dtype=torch.int8)
+        xscale = torch.empty(m, k // BLOCK, dtype=torch.float32)
+        xsum = torch.empty(m, k // BLOCK, dtype=torch.float32)
+        y = torch.empty(m, n, dtype=torch.float32)
+        self._lib.q4_matmul(x.data_ptr(), m, k, nibbles.data_ptr(), scales_zeros.data_ptr(), n, xq.data_ptr(),
+                            xscale.data_ptr(), xsum.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+def pack_nibbles(q):
+    """uint8 values 0..15 [rows, cols] (numpy) -> the kernel's [rows, cols/2] bytes: in each group of
+    32, byte j holds value j in its low nibble and value j + 16 in its high one."""
+    rows, cols = q.shape
+    groups = q.reshape(rows, cols // BLOCK, 2, BLOCK // 2)
+    return (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(rows, cols // 2)
+
 
 def cpu_has_avx2() -> bool:
-    """An x86 CPU with AVX2 and FMA: what the kernel's instructions need."""
+    """An x86 CPU with AVX2, FMA and F16C: what the kernel's instructions need."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return {"avx2", "fma"} <= flags
+    return {"avx2", "fma", "f16c"} <= flags
 
 
 def cpu_wants_native() -> bool:
@@ -136,5 +160,11 @@ def _self_check(kernels: Q8Kernels) -> None:
     scale = torch.rand(40, generator=generator) / 100
     expected = x @ (q.float() * scale[:, None]).t()
     error = (kernels.matmul(x, q, scale) - expected).norm() / expected.norm()
-    if not error < 0.02:
-        raise RuntimeError(f"self-check failed (relative error {float(error):.3g})")
+    q4 = torch.randint(0, 16, (40, 4 * BLOCK), generator=generator, dtype=torch.uint8)
+    scales_zeros = (torch.rand(40, 4, 2, generator=generator) / 100).half()
+    dense4 = (q4.float() - 8).reshape(40, 4, BLOCK) * scales_zeros[..., :1].float() + scales_zeros[..., 1:].float()
+    expected4 = x @ dense4.reshape(40, -1).t()
+    nibbles = torch.from_numpy(pack_nibbles(q4.numpy()))
+    error4 = (kernels.matmul4(x, nibbles, scales_zeros) - expected4).norm() / expected4.norm()
+    if not max(error, error4) < 0.02:
+        raise RuntimeError(f"self-check failed (relative errors {float(error):.3g}, {float(error4):.3g})")

@@ -83,23 +83,40 @@ def _finish(y: torch.Tensor, x: torch.Tensor, features: int, bias: torch.Tensor 
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W in torch's packed int4 layout, group size 32."""
+    """y = x W^T (+ b) with W in torch's packed int4 layout, group size 32.
 
-    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, scales_zeros: torch.Tensor,
-                 bias: torch.Tensor | None = None):
+    `native`: the AVX2 kernel (models/native_kernels.py) with the same values as `nibbles` and
+    float16 `native_scales`, used for inputs of fewer than `WIDE_ROWS` rows. Without `packed` (a
+    coarse copy only the kernel reads) every input goes to the kernel.
+    """
+
+    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor | None,
+                 scales_zeros: torch.Tensor | None, bias: torch.Tensor | None = None, native=None,
+                 nibbles: torch.Tensor | None = None, native_scales: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("bias", bias)
+        usable = native is not None and nibbles is not None and native.supports(in_features)
+        self.native = native if usable else None
+        if self.native is not None:
+            self.register_buffer("nibbles", nibbles)
+            self.register_buffer("native_scales", native_scales.to(torch.float16).contiguous())
+        elif packed is None:
+            raise ValueError("an int4 layer needs torch's packed weights or the AVX2 kernel's")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and (self.packed is None or x.numel() // self.in_features < WIDE_ROWS):
+            y = self.native.matmul4(_flat(x, self.in_features, torch.float32), self.nibbles, self.native_scales)
+            return _finish(y, x, self.out_features, self.bias)
         flat = _flat(x, self.in_features, self.scales_zeros.dtype)
         y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
         return _finish(y, x, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+        kernel = ", AVX2 kernel" if self.native is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}{kernel}"
 
 
 class Int8Linear(nn.Module):
@@ -134,7 +151,7 @@ class Int8Linear(nn.Module):
         return _finish(y, x, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
-        kernel = ", AVX2 int8 kernel" if self.native is not None else ""
+        kernel = ", AVX2 kernel" if self.native is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row{kernel}"
 
 
@@ -142,31 +159,46 @@ class ShortlistHead(nn.Module):
     """An output projection over a large vocabulary: every logit from a coarse int4 copy of the table,
     then the `shortlist` best of each row recomputed from the exact int8 table.
 
-    Where the CPU has no native bfloat16, the int4 kernel reads Gemma's 262,144 x 640 table about twice
-    as fast as the int8 one; the best tokens, which are all that greedy decoding, top-k/top-p sampling
-    and the returned log-probabilities look at, get their exact int8 logits. Tokens outside the
-    shortlist keep their coarse logits (they share the exact path's ranking only approximately).
+    Where the CPU has no native bfloat16, an int4 kernel reads Gemma's 262,144 x 640 table faster than
+    an int8 one; the best tokens, which are all that greedy decoding, top-k/top-p sampling and the
+    returned log-probabilities look at, get their exact int8 logits. Tokens outside the shortlist keep
+    their coarse logits (they share the exact path's ranking only approximately). With the AVX2 kernels
+    (`native`) both steps run on them, and inputs of `WIDE_ROWS` rows or more get the exact int8
+    product instead (the coarse copy then exists only in the kernel's layout).
     """
 
-    def __init__(self, coarse: Int4Linear, q: torch.Tensor, scale: torch.Tensor, shortlist: int = 256):
+    def __init__(self, coarse: Int4Linear, q: torch.Tensor, scale: torch.Tensor, shortlist: int = 256,
+                 native=None):
         super().__init__()
         self.coarse, self.shortlist = coarse, shortlist
         self.in_features, self.out_features = coarse.in_features, coarse.out_features
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
+        self.native = native
+        if native is not None:
+            self.register_buffer("scale32", scale.float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = self.native
+        flat = _flat(x, self.in_features, self.scale.dtype if native is None else torch.float32)
+        if native is not None and flat.shape[0] >= WIDE_ROWS:
+            exact = torch._weight_int8pack_mm(flat.to(self.scale.dtype), self.q, self.scale)
+            return _finish(exact, x, self.out_features, None)
         logits = self.coarse(x)
-        flat, rows = _flat(x, self.in_features, self.scale.dtype), logits.reshape(-1, self.out_features)
+        rows = logits.reshape(-1, self.out_features)
         best = rows.topk(min(self.shortlist, self.out_features), dim=-1).indices
         for row in range(rows.shape[0]):
             picked = best[row]
-            exact = torch._weight_int8pack_mm(flat[row:row + 1], self.q[picked], self.scale[picked])
+            if native is not None:
+                exact = native.matmul(flat[row:row + 1], self.q[picked], self.scale32[picked])
+            else:
+                exact = torch._weight_int8pack_mm(flat[row:row + 1], self.q[picked], self.scale[picked])
             rows[row].index_copy_(0, picked, exact[0].to(rows.dtype))
         return logits
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, shortlist={self.shortlist}"
+        kernel = ", AVX2 kernel" if self.native is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, shortlist={self.shortlist}{kernel}"
 
 
 class Int8Embedding(nn.Module):
@@ -241,7 +273,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     `Int8Linear`, the token embedding an `Int8Embedding`, a tied output projection shares the
     embedding's table, and every other parameter is set from its float32 tensor in `dtype`.
     `shortlist`: an int8 output projection with a coarse copy becomes a `ShortlistHead`.
-    `native`: the AVX2 kernels (models/native_kernels.py) every `Int8Linear` uses for decode steps.
+    `native`: the AVX2 kernels (models/native_kernels.py) the int4 and int8 layers use for decode steps.
     Raises `ValueError` if anything the model needs is missing from `tensors`.
     """
     def small(name: str, to: torch.dtype = dtype) -> torch.Tensor:  # scales, vectors: converted (copied)
@@ -254,8 +286,10 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
             weight = full + ".weight"
             bias = small(full + ".bias") if full + ".bias" in tensors else None
             if isinstance(child, nn.Linear) and weight + ".packed" in tensors:
-                scales_zeros = tensors[weight + ".scales_zeros"].transpose(0, 1).to(KERNEL_DTYPE).contiguous()
-                new = Int4Linear(child.in_features, child.out_features, tensors[weight + ".packed"], scales_zeros, bias)
+                scales_zeros = tensors[weight + ".scales_zeros"]
+                new = Int4Linear(child.in_features, child.out_features, tensors[weight + ".packed"],
+                                 scales_zeros.transpose(0, 1).to(KERNEL_DTYPE).contiguous(), bias, native,
+                                 tensors.get(weight + ".nibbles"), scales_zeros)
             elif isinstance(child, nn.Linear) and weight + ".q" in tensors:
                 new = Int8Linear(child.in_features, child.out_features, tensors[weight + ".q"],
                                  small(weight + ".scale", KERNEL_DTYPE), bias, native)
@@ -268,7 +302,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
             setattr(module, child_name, new)
     _tie_output(model, tensors, embedding, native)
     if shortlist:
-        _use_shortlist(model, tensors)
+        _use_shortlist(model, tensors, native)
     for name, param in list(model.named_parameters()):
         if name not in tensors:
             raise ValueError(f"the quantized checkpoint lacks {name}")
@@ -280,7 +314,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     fuse_norms(model)
 
 
-def _use_shortlist(model: nn.Module, tensors: dict) -> None:
+def _use_shortlist(model: nn.Module, tensors: dict, native=None) -> None:
     """Swap an int8 output projection for a `ShortlistHead` where the checkpoint has its coarse copy."""
     head = getattr(model, "lm_head", None)
     if not isinstance(head, Int8Linear) or head.bias is not None:
@@ -288,9 +322,15 @@ def _use_shortlist(model: nn.Module, tensors: dict) -> None:
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
         table = tensors.get(name + ".q")
         if name + ".coarse.packed" in tensors and table is not None and table.data_ptr() == head.q.data_ptr():
-            scales_zeros = tensors[name + ".coarse.scales_zeros"].transpose(0, 1).to(KERNEL_DTYPE).contiguous()
-            coarse = Int4Linear(head.in_features, head.out_features, tensors[name + ".coarse.packed"], scales_zeros)
-            model.lm_head = ShortlistHead(coarse, head.q, head.scale)
+            scales_zeros = tensors[name + ".coarse.scales_zeros"]
+            if native is not None and native.supports(head.in_features):  # the kernel's layout only
+                coarse = Int4Linear(head.in_features, head.out_features, None, None, native=native,
+                                    nibbles=tensors[name + ".coarse.nibbles"], native_scales=scales_zeros)
+            else:
+                native = None
+                coarse = Int4Linear(head.in_features, head.out_features, tensors[name + ".coarse.packed"],
+                                    scales_zeros.transpose(0, 1).to(KERNEL_DTYPE).contiguous())
+            model.lm_head = ShortlistHead(coarse, head.q, head.scale, native=native)
             return
 
 

@@ -3,7 +3,8 @@
 `write_quantized_weights` writes `model.safetensors` with, for each matrix of the model,
 
 - `<name>.packed` (uint8, torch's packed int4 layout) and `<name>.scales_zeros` (float32
-  [out, in/32, 2]) where the GGUF blocks are Q4_0 / Q4_1 / Q4_K: repacked exactly;
+  [out, in/32, 2]) where the GGUF blocks are Q4_0 / Q4_1 / Q4_K: repacked exactly; the same values
+  also as `<name>.nibbles` (uint8 [out, in/2]), the layout of the AVX2 kernel (models/native_kernels.py);
 - `<name>.q` (int8 [out, in]) and `<name>.scale` (float32 [out]) for every other matrix and for the
   token embedding (looked up by row, so it needs the int8 layout);
 
@@ -29,6 +30,7 @@ import torch
 from .convert import (CHUNK_BYTES, MODEL_BUILD_LOCK, UnsupportedModel, WeightPlan, WeightSlot, _piece_bytes,
                       plan_weights, read_rows)
 from .gguf_file import GGUFHeader
+from .native_kernels import pack_nibbles
 from .qlinear import GROUP, pack_int4
 from .quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
 
@@ -76,7 +78,8 @@ def choose_kind(slot: WeightSlot) -> str:
 
 
 def _int4_parts(name: str, rows: int, cols: int) -> list[Part]:
-    return [Part(name + ".packed", "U8", (rows, cols // 2)), Part(name + ".scales_zeros", "F32", (rows, cols // GROUP, 2))]
+    return [Part(name + ".packed", "U8", (rows, cols // 2)), Part(name + ".scales_zeros", "F32", (rows, cols // GROUP, 2)),
+            Part(name + ".nibbles", "U8", (rows, cols // 2))]
 
 
 def has_coarse_copy(slot: WeightSlot, kind: str) -> bool:
@@ -178,7 +181,7 @@ def _convert_rows(header: GGUFHeader, plan: WeightPlan, quant: QuantSlot,
 def _int4_bytes(q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> list[np.ndarray]:
     packed = pack_int4(torch.from_numpy(q)).numpy()
     scales_zeros = np.stack([scale, 8 * scale - low], axis=-1).astype(np.float32)
-    return [packed.view(np.uint8), scales_zeros.view(np.uint8)]
+    return [packed.view(np.uint8), scales_zeros.view(np.uint8), pack_nibbles(q.astype(np.uint8))]
 
 
 def write_quantized_weights(header: GGUFHeader, config, path: Path, progress: ProgressFn | None = None) -> None:
@@ -230,8 +233,7 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
     """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate.
 
     `shortlist`: project the output through `ShortlistHead` where the checkpoint has a coarse copy;
-    None = where the CPU has no native bfloat16 and no `native` kernels are given (there torch's int4
-    kernel reads the table ~2x faster than its int8 one; the AVX2 kernel is faster than both).
+    None = where the CPU has no native bfloat16 (there int4 kernels read the table faster than int8 ones).
     `native`: the AVX2 int8 kernels (models/native_kernels.py) for the int8 layers' decode steps.
     """
     from accelerate import init_empty_weights
@@ -247,6 +249,6 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
     if shortlist is None:
         from .cpu_matmul import cpu_has_native_bf16
 
-        shortlist = native is None and not cpu_has_native_bf16()
+        shortlist = not cpu_has_native_bf16()
     install_quantized(model, tensors, dtype, shortlist=shortlist, native=native)
     return model.eval()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from gguf_factory import random_blocks, write_tiny_gguf
-from models.loader import LoadOptions, checkpoint_dir, load_model
+from models.loader import QUANT_FORMAT, LoadOptions, checkpoint_dir, load_model
 from models import quant_checkpoint
 from models.qlinear import (Int4Linear, Int8Embedding, Int8Linear, ShortlistHead, int4_scales_zeros, pack_int4)
 from models.quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
@@ -146,7 +146,7 @@ def test_quantized_cache_is_reused_and_kept_apart(tmp_path, mixed_models):
     first = load_model(gguf_path, cache, LoadOptions(weights="quantized"), progress=lambda f, m: messages.append(m))
     assert any("converting" in m for m in messages)
     folder = checkpoint_dir(cache, gguf_path, first.dtype, "quantized")
-    assert folder.is_dir() and "-q2-" in folder.name
+    assert folder.is_dir() and f"-q{QUANT_FORMAT}-" in folder.name
     before = (folder / "model.safetensors").stat()
     messages.clear()
     second = load_model(gguf_path, cache, LoadOptions(weights="quantized"), progress=lambda f, m: messages.append(m))

@@ -1,9 +1,12 @@
-/* int8 weights x int8 activations for small row counts (decode steps) on AVX2 CPUs.
+/* int8 and int4 weights x int8 activations for small row counts (decode steps) on AVX2 CPUs.
  *
- * y[i, r] = wscale[r] * sum_b xscale[i, b] * dot(w[r, 32b : 32b+32], xq[i, 32b : 32b+32])
- *
- * Each activation row is quantized to int8 in blocks of 32 values, one float scale per block;
- * the weights are int8 with one float scale per output row (models/qlinear.py's Int8Linear).
+ * Each activation row is quantized to int8 in blocks of 32 values, one float scale per block.
+ * q8_matmul: int8 weights with one float scale per output row (models/qlinear.py's Int8Linear):
+ *   y[i, r] = wscale[r] * sum_b xscale[i, b] * dot(w[r, 32b : 32b+32], xq[i, 32b : 32b+32])
+ * q4_matmul: 4-bit weights in groups of 32, w = scale * (q - 8) + zero (Int4Linear's values), the 32
+ *   values of a group in 16 bytes, byte j holding q[j] (low nibble) and q[j + 16] (high nibble), and
+ *   each group's scale and zero as a pair of float16:
+ *   y[i, r] = sum_b xscale[i, b] * (scale[r, b] * dot(q, xq) + (zero[r, b] - 8 scale[r, b]) * sum(xq))
  * The dot products run on 8-bit integer multiplies (vpmaddubsw), so a weight costs one byte read
  * and a fraction of an instruction: torch's int8 kernel converts each weight to float first,
  * which leaves an AVX2 CPU compute-bound (bench/RESULTS.md).
@@ -18,7 +21,7 @@
 
 int q8_block(void) { return BLOCK; }
 
-static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale) {
+static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale, float *sums) {
   for (int64_t b = 0; b < k / BLOCK; b++) {
     const float *xb = x + b * BLOCK;
     float largest = 0.f;
@@ -28,7 +31,12 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale) {
     }
     float d = largest / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
     scale[b] = d;
-    for (int i = 0; i < BLOCK; i++) q[b * BLOCK + i] = (int8_t)lrintf(xb[i] * inverse);
+    int total = 0;
+    for (int i = 0; i < BLOCK; i++) {
+      q[b * BLOCK + i] = (int8_t)lrintf(xb[i] * inverse);
+      total += q[b * BLOCK + i];
+    }
+    if (sums) sums[b] = (float)total;
   }
 }
 
@@ -59,11 +67,46 @@ static inline float dot_row(const int8_t *w, const int8_t *q, const float *scale
 void q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *w, const float *wscale, int64_t n,
                int8_t *xq, float *xscale, float *y, int threads) {
   int64_t blocks = k / BLOCK;
-  for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks);
+  for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks, 0);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < n; r++) {
     const int8_t *wr = w + r * k;
     for (int64_t i = 0; i < m; i++)
       y[i * n + r] = wscale[r] * dot_row(wr, xq + i * k, xscale + i * blocks, blocks);
+  }
+}
+
+/* sum_b xscale[b] * (scale[b] * dot(q, xq) + (zero[b] - 8 scale[b]) * xsum[b]); sz = float16 [scale, zero] pairs */
+static inline float dot_row4(const uint8_t *w, const uint16_t *sz, const int8_t *q, const float *xscale,
+                             const float *xsum, int64_t blocks) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  float shift = 0.f;
+  for (int64_t b = 0; b < blocks; b++) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)(w + b * BLOCK / 2));
+    __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
+    __m256i qv = _mm256_loadu_si256((const __m256i *)(q + b * BLOCK));
+    __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, qv), ones);
+    float scale = _cvtsh_ss(sz[2 * b]), zero = _cvtsh_ss(sz[2 * b + 1]);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(xscale[b] * scale), acc);
+    shift += xscale[b] * (zero - 8.f * scale) * xsum[b];
+  }
+  return sum8(acc) + shift;
+}
+
+/* x: [m, k] float32; w: [n, k/2] packed nibbles; sz: [n, k/32, 2] float16 (scale, zero);
+ * xq: [m, k], xscale and xsum: [m, k/32] scratch; y: [m, n] float32. */
+void q4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *sz, int64_t n,
+               int8_t *xq, float *xscale, float *xsum, float *y, int threads) {
+  int64_t blocks = k / BLOCK;
+  for (int64_t i = 0; i < m; i++)
+    quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks, xsum + i * blocks);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < n; r++) {
+    const uint8_t *wr = w + r * (k / 2);
+    const uint16_t *szr = sz + r * blocks * 2;
+    for (int64_t i = 0; i < m; i++)
+      y[i * n + r] = dot_row4(wr, szr, xq + i * k, xscale + i * blocks, xsum + i * blocks, blocks);
   }
 }
