@@ -1,18 +1,22 @@
-"""The catalog on tiny GGUF files: instruct or base, a wrong file under a catalog name."""
+"""The catalog on tiny GGUF files: instruct or base, a wrong file under a catalog name, a hub without network."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
+import time
 
 import pytest
 
 from gguf_factory import CHAT_TEMPLATES, write_tiny_gguf
 from models.catalog import DEFAULT_MODEL_FILE, DEFAULT_MODEL_ID, HUB_MODELS, RECOMMENDED_MODEL_ID, Catalog
+from models.download import DownloadError, ensure_local, hub_unreachable
 from models.loader import LoadOptions
 from models.manager import ModelError, ModelManager
 
 RECOMMENDED = next(hub for hub in HUB_MODELS if hub.id == RECOMMENDED_MODEL_ID)
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
 @pytest.fixture
@@ -29,6 +33,13 @@ def manager(data_dir, model_cache):
     mgr = ModelManager(Catalog(data_dir), model_cache, memory_budget=1 << 40, options=LoadOptions(dtype="float32"))
     yield mgr
     mgr.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ----- instruct or base -----------------------------------------------------------------------------------------
@@ -82,3 +93,46 @@ def test_the_bundled_name_holding_another_model_is_refused(manager, data_dir, ti
 
 def test_a_file_named_by_the_user_is_not_checked(manager):
     assert manager.load("tiny-gemma3")["state"] == "loaded"
+
+
+# ----- no network ----------------------------------------------------------------------------------------------
+def test_a_hub_model_without_network_fails_at_once(manager, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for variable in PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # where the hub would be
+    started = time.monotonic()
+    with pytest.raises(ModelError) as info:
+        manager.load(RECOMMENDED.id)
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert "offline" in message and "cannot be reached" in message
+    assert RECOMMENDED.repo in message and RECOMMENDED.file in message  # where to put the file instead
+    assert elapsed < 10, f"took {elapsed:.1f} s: the hub's retries ran"
+    assert manager.record(RECOMMENDED.id)["state"] == "error"
+
+
+def test_the_probe_tells_a_listening_port_from_a_closed_one(monkeypatch):
+    for variable in PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert hub_unreachable(f"http://127.0.0.1:{server.getsockname()[1]}") is None
+    assert "cannot be reached" in hub_unreachable(f"http://127.0.0.1:{closed_port()}")
+
+
+def test_an_unreachable_proxy_is_reported(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert "127.0.0.1" in hub_unreachable("https://hub.example")
+
+
+def test_a_file_on_disk_needs_no_network(data_dir, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    spec = Catalog(data_dir).get("tiny-qwen2")
+    assert ensure_local(spec) == spec.path
+    with pytest.raises(DownloadError, match="missing"):
+        ensure_local(Catalog(data_dir).get(DEFAULT_MODEL_ID))
