@@ -19,7 +19,7 @@ from models.manager import ModelError, ModelManager, ModelTooLarge, UnknownModel
 
 F32 = LoadOptions(dtype="float32")
 RECORD_FIELDS = {"id", "name", "state", "architecture", "quantization", "file_size_bytes", "memory_bytes",
-                 "pinned", "error"}
+                 "pinned", "error", "instruct"}
 IDS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2", "gemma3": "tiny-gemma3"}
 GREEDY = GenerationParams(max_tokens=12, temperature=0.0)
 
