@@ -20,7 +20,7 @@ import gradio as gr
 from gradio import FileData
 from gradio.route_utils import FnIndexInferError
 
-from inference.config import AppConfig, config_from_args
+from inference.config import AppConfig, config_from_args, exposure_warning, log_level
 from inference.http_limits import BodySizeLimit
 from inference.service import ChatService, ServiceError
 from models.catalog import BASE_MODEL_NOTE
@@ -835,21 +835,18 @@ def serve_shared(service: ChatService) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=log_level(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(argv)
+    warning = exposure_warning(config)
+    if warning:
+        log.warning(warning)
     _no_telemetry()
     service = ChatService(config)
     service.start()
     if config.share:
         return serve_shared(service)
     app = create_app(service)
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.auth or config.api_key):
-        log.warning("listening on %s without --auth or --api-key: anyone on the network can use the app",
-                    config.host)
-    elif config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
-        log.warning("listening on %s without --api-key: --auth guards the UI, but anyone on the network can "
-                    "use the /v1 routes", config.host)
     log.info("serving on http://%s:%d", config.host, config.port)
     try:
         make_server(app, config.host, config.port).run()
