@@ -20,9 +20,10 @@ import gradio as gr
 from gradio import FileData
 from gradio.route_utils import FnIndexInferError
 
-from inference.config import AppConfig, config_from_args
+from inference.config import AppConfig, config_from_args, exposure_warning, log_level
 from inference.http_limits import BodySizeLimit
 from inference.service import ChatService, ServiceError
+from models.catalog import BASE_MODEL_NOTE
 from models.manager import format_bytes
 from sessions import LOCAL_USER
 from sessions.export import export_json, export_markdown, import_json
@@ -279,7 +280,8 @@ STATE_MARKS = {"loaded": "●", "loading": "◐", "error": "✕", "unloaded": "�
 
 
 def model_choices(service: ChatService) -> list[tuple[str, str]]:
-    return [(f"{STATE_MARKS.get(m['state'], '')} {m['name']}", m["id"]) for m in service.list_models()]
+    return [(f"{STATE_MARKS.get(m['state'], '')} {m['name']}" + ("" if m["instruct"] else " · base model"), m["id"])
+            for m in service.list_models()]
 
 
 def models_table(service: ChatService) -> list[list]:
@@ -290,6 +292,7 @@ def models_table(service: ChatService) -> list[list]:
         state += f": {m['error']}" if m["error"] else ""
         kind = " ".join(part for part in (m["architecture"] or ("hub" if not m["on_disk"] else "?"),
                                           m["quantization"] or "") if part)
+        kind += "" if m["instruct"] else f" · base: {BASE_MODEL_NOTE}"
         size = m["memory_bytes"] or m["file_size_bytes"]
         rows.append([m["id"] + (" (pinned)" if m["pinned"] else ""), state, kind, format_bytes(size) if size else "—"])
     return rows
@@ -304,7 +307,12 @@ def memory_line(service: ChatService) -> str:
 
 
 def model_note(record: dict) -> str:
-    """One line under the model picker: is it loaded, how big, how much context."""
+    """One line under the model picker: is it loaded, how big, how much context; a base model says so."""
+    note = _state_note(record)
+    return note if record.get("instruct", True) else f"{note} · **base model**: {BASE_MODEL_NOTE}"
+
+
+def _state_note(record: dict) -> str:
     if record["state"] == "loaded":
         parts = ["● loaded"]
         if record.get("memory_bytes"):
@@ -459,6 +467,19 @@ def _models_tab(ui, service: ChatService) -> None:
             ui.pin_btn = gr.Button("Pin / unpin", size="sm", min_width=70, elem_id="pin-btn")
         gr.Markdown("Loaded models stay in memory until unloaded, idle for a while, or pushed out by another "
                     "model. A pinned model is never unloaded on its own.", elem_classes=["hint"])
+        recommended = service.recommended_model()
+        ui.use_recommended = None
+        if recommended:
+            gr.Markdown(recommended_hint(recommended), elem_id="recommended-hint")
+            ui.use_recommended = gr.Button(f"Download and use {recommended['name']}", size="sm",
+                                           elem_id="use-recommended")
+
+
+def recommended_hint(record: dict) -> str:
+    size = f" ({format_bytes(record['download_bytes'])}, downloaded once)" if record.get("download_bytes") else ""
+    return (f"**For chat, use an instruct model.** A *base model* (such as the bundled Gemma 3 270M) "
+            f"{BASE_MODEL_NOTE}. {record['name']}{size} is a good first one: this loads it and makes it this "
+            "chat's model.")
 
 
 PRIVATE = {"api_visibility": "private"}  # UI events stay out of the public API (API.md lists that)
@@ -693,6 +714,16 @@ def _wire_models(ui, service: ChatService) -> None:
         return refresh_models()
 
     ui.load_btn.click(on_load_model, [ui.manage_dd], panel_out, **PRIVATE)
+
+    @friendly
+    def on_use_recommended(session_id, request: gr.Request, progress=gr.Progress()):
+        model_id = service.recommended_model()["id"]
+        record = service.use_model(owner_of(request), session_id, model_id, lambda f, m: progress(f, desc=m))
+        return (gr.update(choices=model_choices(service), value=model_id), model_note(record), *refresh_models())
+
+    if ui.use_recommended is not None:
+        ui.use_recommended.click(on_use_recommended, [ui.current], [ui.model_dd, ui.model_status, *panel_out],
+                                 **PRIVATE)
     ui.unload_btn.click(on_unload_model, [ui.manage_dd], panel_out, **PRIVATE)
     ui.pin_btn.click(on_pin, [ui.manage_dd], panel_out, **PRIVATE)
 
@@ -804,21 +835,18 @@ def serve_shared(service: ChatService) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=log_level(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(argv)
+    warning = exposure_warning(config)
+    if warning:
+        log.warning(warning)
     _no_telemetry()
     service = ChatService(config)
     service.start()
     if config.share:
         return serve_shared(service)
     app = create_app(service)
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.auth or config.api_key):
-        log.warning("listening on %s without --auth or --api-key: anyone on the network can use the app",
-                    config.host)
-    elif config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
-        log.warning("listening on %s without --api-key: --auth guards the UI, but anyone on the network can "
-                    "use the /v1 routes", config.host)
     log.info("serving on http://%s:%d", config.host, config.port)
     try:
         make_server(app, config.host, config.port).run()

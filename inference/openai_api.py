@@ -67,9 +67,7 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
 
     @router.get("/health")
     def health() -> dict:
-        models = service.list_models()
-        return {"status": "ok", "models_loaded": sum(m["state"] == "loaded" and m["kind"] == "local" for m in models),
-                "memory": service.memory_status()}
+        return {"status": "ok", **service.health()}
 
     @router.get("/v1/models")
     def list_models(request: Request):
@@ -79,7 +77,7 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             return error.response()
         data = [{"id": m["id"], "object": "model", "created": 0, "owned_by": "local" if m["kind"] == "local" else
                  "remote", "name": m["name"], "state": m["state"], "architecture": m["architecture"],
-                 "quantization": m["quantization"], "context_length": m["context_length"]}
+                 "quantization": m["quantization"], "context_length": m["context_length"], "instruct": m["instruct"]}
                 for m in service.list_models()]
         return {"object": "list", "data": data}
 

@@ -109,6 +109,29 @@ class ChatService:
     def memory_status(self) -> dict:
         return {"used_bytes": self.manager.memory_used(), "budget_bytes": self.manager.memory_budget}
 
+    def recommended_model(self) -> dict | None:
+        """The record of the catalog's recommended first download for chat (an instruct model), if any."""
+        return next((m for m in self.list_models() if m.get("recommended")), None)
+
+    def use_model(self, owner: str, session_id: str, model_id: str, progress=None) -> dict:
+        """Load a model (downloading it first if needed), then make it the session's model."""
+        record = self.load_model(model_id, progress)
+        self.update_session(owner, session_id, model_id=model_id)
+        return record
+
+    def health(self) -> dict:
+        """What /health reports: whether a model can answer now, and which are loading (with progress)."""
+        models = self.list_models()
+        loading = self.manager.loading()
+        return {
+            "ready": any(m["state"] == "loaded" for m in models),  # a loaded local model, or a remote engine
+            "loading": [m["id"] for m in loading],
+            "loading_progress": {m["id"]: {"progress": m["progress"], "message": m["message"]} for m in loading},
+            "default_model": self.config.default_model,
+            "models_loaded": sum(m["state"] == "loaded" and m["kind"] == "local" for m in models),
+            "memory": self.memory_status(),
+        }
+
     # ----- sessions ----------------------------------------------------------------------------
     def new_session(self, owner: str, title: str = "", model_id: str = "") -> dict:
         model_id = model_id or self.config.default_model

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "gemma-3-270m"
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_MODEL_BYTES = 253_113_024  # the file the pinned PyPI package assembles (its sha256 is checked then)
+RECOMMENDED_MODEL_ID = "qwen2.5-0.5b-instruct"  # the first model to download for chat
+BASE_MODEL_NOTE = "continues text; does not follow instructions"
 
 
 @dataclass(frozen=True)
@@ -40,19 +43,40 @@ class ModelSpec:
     hub_file: str | None = None
     remote: RemoteEngine | None = None
     default: bool = False
+    # what the file under this name must be (checked before a load; None: not checked)
+    architecture: str | None = None
+    size_bytes: int | None = None
+    instruct: bool | None = None  # None: judged from the file (chat template, name)
+    recommended: bool = False
 
     @property
     def kind(self) -> str:
         return "remote" if self.remote else "local"
 
 
+@dataclass(frozen=True)
+class HubModel:
+    """A catalog entry downloaded from the Hugging Face hub on first load."""
+
+    id: str
+    name: str
+    repo: str
+    file: str
+    architecture: str
+    size_bytes: int | None = None  # the hub file's size, where we know it
+    instruct: bool = True
+    recommended: bool = False
+
+
 HUB_MODELS = (
-    ("qwen2.5-3b-instruct", "Qwen2.5 3B Instruct (Q4_K_M)", "bartowski/Qwen2.5-3B-Instruct-GGUF",
-     "Qwen2.5-3B-Instruct-Q4_K_M.gguf"),
-    ("smollm2-1.7b-instruct", "SmolLM2 1.7B Instruct (Q4_K_M)", "bartowski/SmolLM2-1.7B-Instruct-GGUF",
-     "SmolLM2-1.7B-Instruct-Q4_K_M.gguf"),
-    ("llama-3.1-8b-instruct", "Llama 3.1 8B Instruct (Q4_K_M)", "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
-     "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"),
+    HubModel("qwen2.5-0.5b-instruct", "Qwen2.5 0.5B Instruct (Q4_K_M)", "Qwen/Qwen2.5-0.5B-Instruct-GGUF",
+             "qwen2.5-0.5b-instruct-q4_k_m.gguf", "qwen2", size_bytes=491_400_032, recommended=True),
+    HubModel("qwen2.5-3b-instruct", "Qwen2.5 3B Instruct (Q4_K_M)", "bartowski/Qwen2.5-3B-Instruct-GGUF",
+             "Qwen2.5-3B-Instruct-Q4_K_M.gguf", "qwen2"),
+    HubModel("smollm2-1.7b-instruct", "SmolLM2 1.7B Instruct (Q4_K_M)", "bartowski/SmolLM2-1.7B-Instruct-GGUF",
+             "SmolLM2-1.7B-Instruct-Q4_K_M.gguf", "llama"),
+    HubModel("llama-3.1-8b-instruct", "Llama 3.1 8B Instruct (Q4_K_M)", "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
+             "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf", "llama"),
 )
 
 
@@ -104,10 +128,14 @@ class Catalog:
     def specs(self) -> list[ModelSpec]:
         specs: dict[str, ModelSpec] = {}
         specs[DEFAULT_MODEL_ID] = ModelSpec(
-            DEFAULT_MODEL_ID, "Gemma 3 270M (Q4_K_M, bundled)", self.models_dir / DEFAULT_MODEL_FILE, default=True
+            DEFAULT_MODEL_ID, "Gemma 3 270M (Q4_K_M, bundled)", self.models_dir / DEFAULT_MODEL_FILE, default=True,
+            architecture="gemma3", size_bytes=DEFAULT_MODEL_BYTES, instruct=False,
         )
-        for model_id, name, repo, filename in HUB_MODELS:
-            specs[model_id] = ModelSpec(model_id, name, self.models_dir / filename, hub_repo=repo, hub_file=filename)
+        for hub in HUB_MODELS:
+            specs[hub.id] = ModelSpec(
+                hub.id, hub.name, self.models_dir / hub.file, hub_repo=hub.repo, hub_file=hub.file,
+                architecture=hub.architecture, size_bytes=hub.size_bytes, instruct=hub.instruct,
+                recommended=hub.recommended)
         known_files = {spec.path.name for spec in specs.values() if spec.path}
         if self.models_dir.is_dir():
             for path in sorted(self.models_dir.glob("*.gguf")):
@@ -135,9 +163,10 @@ class Catalog:
             raise GGUFError(f"cannot read {path.name}: {error.strerror or error}") from error
 
     def describe(self, spec: ModelSpec) -> dict:
-        """The static part of a model record: architecture, quantization, sizes."""
+        """The static part of a model record: architecture, quantization, sizes, instruct or base."""
         info = {"architecture": None, "quantization": None, "file_size_bytes": 0,
-                "context_length": None, "on_disk": False, "kind": spec.kind, "file_error": None}
+                "context_length": None, "on_disk": False, "kind": spec.kind, "file_error": None,
+                "instruct": is_instruct(spec, None)}
         if spec.remote:
             info.update(architecture="remote", quantization=None)
             return info
@@ -145,7 +174,8 @@ class Catalog:
             header = self.header(spec)
             if header is not None:
                 info.update(architecture=header.architecture, quantization=header.quantization,
-                            file_size_bytes=header.file_size, context_length=header.context_length, on_disk=True)
+                            file_size_bytes=header.file_size, context_length=header.context_length, on_disk=True,
+                            instruct=is_instruct(spec, header), file_error=check_file(spec, header))
         except (GGUFError, TypeError, ValueError, OSError) as error:  # one bad file must not break the list
             info.update(on_disk=True, file_error=f"{spec.path.name}: unreadable GGUF metadata ({error})")
         return info
@@ -176,12 +206,53 @@ class Catalog:
 def spec_from_entry(entry: dict, models_dir: Path) -> ModelSpec:
     model_id = slug(str(entry["id"]))
     name = str(entry.get("name") or entry["id"])
+    instruct = entry.get("instruct")
+    if instruct is not None and not isinstance(instruct, bool):
+        raise ValueError(f"'instruct' must be true or false, not {instruct!r}")
     if "base_url" in entry:
         engine = RemoteEngine(str(entry["base_url"]).rstrip("/"), str(entry.get("model") or entry["id"]),
                               entry.get("api_key"))
-        return ModelSpec(model_id, name, remote=engine)
+        return ModelSpec(model_id, name, remote=engine, instruct=instruct)
     path = Path(entry["path"])
-    return ModelSpec(model_id, name, path if path.is_absolute() else models_dir / path)
+    return ModelSpec(model_id, name, path if path.is_absolute() else models_dir / path, instruct=instruct,
+                     architecture=entry.get("architecture"))
+
+
+_INSTRUCT_WORDS = re.compile(r"instruct|(?:^|[^a-z0-9])(?:it|chat)(?:[^a-z0-9]|$)")
+
+
+def is_instruct(spec: ModelSpec, header: GGUFHeader | None) -> bool:
+    """Whether the model follows instructions (an instruct/chat model) or only continues text (a base model).
+
+    The catalog entry says so where it knows; otherwise a chat template in the file, or a name with
+    "instruct", "-it" or "chat" in it, marks an instruct model. A remote engine serves chat completions.
+    """
+    if spec.instruct is not None:
+        return spec.instruct
+    if spec.remote:
+        return True
+    if header is not None and header.chat_template:
+        return True
+    names = [spec.name, spec.path.stem if spec.path else ""]
+    if header is not None:
+        names += [str(header.metadata.get(key) or "") for key in ("general.name", "general.finetune")]
+    return any(_INSTRUCT_WORDS.search(name.lower()) for name in names)
+
+
+def check_file(spec: ModelSpec, header: GGUFHeader) -> str | None:
+    """What is wrong with the file under a catalog name (another model's weights), or None if it fits."""
+    problems = []
+    if spec.architecture and header.architecture != spec.architecture:
+        found = header.metadata.get("general.name") or "another model"
+        problems.append(f"its architecture is {header.architecture or 'missing'} ({found}), not {spec.architecture}")
+    if spec.size_bytes and header.file_size != spec.size_bytes:
+        problems.append(f"it has {header.file_size:,} bytes, not the {spec.size_bytes:,} of the expected file")
+    if not problems:
+        return None
+    where = (f"; download {spec.hub_file} from https://huggingface.co/{spec.hub_repo} into {spec.path.parent}/"
+             if spec.hub_repo else "")
+    return (f"{spec.path.name} is not {spec.name}: {' and '.join(problems)}. Remove or rename that file"
+            f"{where}")
 
 
 def parse_remote_option(value: str) -> ModelSpec:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .catalog import Catalog, ModelSpec
+from .catalog import Catalog, ModelSpec, check_file
 from .download import DownloadError, ensure_local
 from .gguf_file import GGUFError, read_header
 from .loader import (LoadedModel, LoadError, LoadOptions, bytes_per_param, load_model, pick_device, pick_dtype,
@@ -114,6 +114,12 @@ class ModelManager:
     def record(self, model_id: str) -> dict:
         return self._record(self._entry(model_id))
 
+    def loading(self) -> list[dict]:
+        """The models loading now: `{"id", "progress", "message"}` each (progress from 0 to 1)."""
+        with self._lock:
+            return [{"id": model_id, "progress": entry.progress[0], "message": entry.progress[1]}
+                    for model_id, entry in self._entries.items() if entry.state == "loading"]
+
     def memory_used(self) -> int:
         with self._lock:
             return sum(e.reserved for e in self._entries.values())
@@ -139,6 +145,8 @@ class ModelManager:
                 "progress_message": entry.progress[1] if state == "loading" else None,
                 "active_generations": entry.active,
                 "weights": loaded.weights if loaded else self._weights_mode(),
+                "instruct": info["instruct"], "recommended": entry.spec.recommended,
+                "download_bytes": entry.spec.size_bytes if entry.spec.hub_repo else None,
             }
         if entry.spec.remote:
             record.update(state="loaded" if state != "error" else state, memory_bytes=0, weights=None)
@@ -274,6 +282,9 @@ class ModelManager:
 
         path = ensure_local(entry.spec, lambda f, m: report(0.3 * f, m))
         header = self.catalog.header_at(path)
+        problem = check_file(entry.spec, header)
+        if problem:  # another model's file under this name: refuse it rather than serve it under a wrong name
+            raise ModelError(problem)
         self._make_room(entry, self._estimate_header(header))
         return self._loader(path, self.cache_root, self.options, progress=report, header=header)
 
@@ -327,7 +338,9 @@ class ModelManager:
                 raise
             raise ModelError(_describe_failure(entry.spec, error)) from error
         with self._lock:
-            entry.spec = dataclasses.replace(entry.spec, path=gguf_path, hub_repo=None, hub_file=None)
+            # another file by choice: what the catalog expected of the old one no longer applies
+            entry.spec = dataclasses.replace(entry.spec, path=gguf_path, hub_repo=None, hub_file=None,
+                                             architecture=None, size_bytes=None, instruct=None)
             entry.loaded, entry.state, entry.error = loaded, "loaded", None
             entry.reserved = max(self._estimate_header(header), loaded.memory_bytes)
             entry.last_used = time.monotonic()

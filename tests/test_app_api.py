@@ -21,7 +21,7 @@ from sessions import LOCAL_USER
 UPLOAD_LIMIT = 4096
 SESSION_FIELDS = {"id", "title", "model_id", "created_at", "updated_at", "message_count"}
 MODEL_FIELDS = {"id", "name", "state", "architecture", "quantization", "file_size_bytes", "memory_bytes", "pinned",
-                "error"}
+                "error", "instruct"}
 FILE_FIELDS = {"id", "name", "state", "error", "chars", "tokens"}
 API_NAMES = ("/list_models", "/load_model", "/unload_model", "/new_session", "/list_sessions", "/rename_session",
              "/delete_session", "/history", "/chat", "/stop", "/upload_file", "/list_files", "/remove_file")

@@ -19,7 +19,7 @@ from models.manager import ModelError, ModelManager, ModelTooLarge, UnknownModel
 
 F32 = LoadOptions(dtype="float32")
 RECORD_FIELDS = {"id", "name", "state", "architecture", "quantization", "file_size_bytes", "memory_bytes",
-                 "pinned", "error"}
+                 "pinned", "error", "instruct"}
 IDS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2", "gemma3": "tiny-gemma3"}
 GREEDY = GenerationParams(max_tokens=12, temperature=0.0)
 
@@ -72,7 +72,7 @@ def generate_once(mgr, model_id) -> str:
 
 def test_records_list_every_catalog_model(manager, data_dir):
     records = {r["id"]: r for r in manager.records()}
-    assert set(records) == {DEFAULT_MODEL_ID, *(m[0] for m in HUB_MODELS), *IDS.values()}
+    assert set(records) == {DEFAULT_MODEL_ID, *(m.id for m in HUB_MODELS), *IDS.values()}
     for record in records.values():
         assert RECORD_FIELDS <= set(record), record
         assert record["state"] == "unloaded" and record["pinned"] is False and record["error"] is None
@@ -82,7 +82,7 @@ def test_records_list_every_catalog_model(manager, data_dir):
         assert record["quantization"] == "Q8_0"
         assert record["file_size_bytes"] == (data_dir / "models" / f"tiny-{arch}.gguf").stat().st_size
         assert record["memory_bytes"] == manager.estimate(manager.catalog.get(model_id)) > 0
-    for missing in (DEFAULT_MODEL_ID, HUB_MODELS[0][0]):  # not on disk in this data dir
+    for missing in (DEFAULT_MODEL_ID, HUB_MODELS[0].id):  # not on disk in this data dir
         assert records[missing]["architecture"] is None
         assert records[missing]["file_size_bytes"] == 0 and records[missing]["memory_bytes"] == 0
 
@@ -212,12 +212,12 @@ def test_corrupt_file_is_an_error_and_others_carry_on(data_dir, model_cache, tin
 
 def test_hub_model_offline(manager, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model_id, name, repo, filename = HUB_MODELS[0]
+    hub = HUB_MODELS[0]
     with pytest.raises(ModelError) as info:
-        manager.load(model_id)
+        manager.load(hub.id)
     message = str(info.value)
-    assert "offline" in message and "HF_HUB_OFFLINE" in message and repo in message and filename in message
-    record = manager.record(model_id)
+    assert "offline" in message and "HF_HUB_OFFLINE" in message and hub.repo in message and hub.file in message
+    record = manager.record(hub.id)
     assert record["state"] == "error" and "offline" in record["error"]
     assert manager.memory_used() == 0
 
