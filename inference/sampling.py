@@ -22,6 +22,8 @@ def sample_next(logits: torch.Tensor, params: GenerationParams, generator: torch
     """Pick the next token from one row of logits (any float dtype, on the CPU)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        # a copy: the model's logits are inference tensors (read-only out here) and stay untouched
+        logits = logits.clone()
         seen = logits[history]
         logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
     if params.greedy:

@@ -86,6 +86,17 @@ def test_greedy_is_deterministic(models):
     assert first == second == top1
 
 
+def test_repetition_penalty_generates(models):
+    """A penalty other than 1 runs through the whole stream (it once failed on the model's read-only
+    logits) and changes what greedy decoding repeats."""
+    lm = models["gemma3"]
+    chunks, text, last = run(lm, prompt_of(lm), GenerationParams(max_tokens=24, temperature=0.0,
+                                                                 repetition_penalty=5.0))
+    assert last.finish_reason == "length" and last.completion_tokens == 24
+    _, plain, _ = run(lm, prompt_of(lm), GenerationParams(max_tokens=24, temperature=0.0))
+    assert text != plain
+
+
 def test_same_seed_same_output(models):
     lm = models["llama"]
     prompt = prompt_of(lm)

@@ -126,3 +126,14 @@ def test_bfloat16_logits_are_accepted():
     logits = torch.tensor([0.0, 5.0, 4.9, -1.0], dtype=torch.bfloat16)
     params = GenerationParams(temperature=0.8, top_k=0, top_p=0.9)
     assert sample_next(logits, params, torch.Generator().manual_seed(0)) in {1, 2}
+
+
+def test_repetition_penalty_leaves_the_models_logits_alone():
+    """The model's logits are inference tensors, read-only outside inference mode: the penalty works on
+    a copy (it used to fail with 'Inplace update to inference tensor outside InferenceMode')."""
+    with torch.inference_mode():
+        logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
+    before = logits.clone()
+    penalised = GenerationParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample_next(logits, penalised, None, torch.tensor([1])) == 2
+    assert torch.equal(logits, before)
