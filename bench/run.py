@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llamacpp-python", default=sys.executable,
                         help="a Python with llama-cpp-python installed, for the llama.cpp anchor (default: this "
                              "one; skipped with a note where it cannot import llama_cpp)")
+    parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "torch", "native"),
+                        help="the app's --cpu-kernels for everything measured in-process")
     args = parser.parse_args(argv)
     quick = args.quick
     args.tokens = args.tokens or (16 if quick else 64)
@@ -147,7 +149,7 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
     from inference.config import AppConfig
 
     config = AppConfig(data_dir=main_dir, preload=False, default_model=MODEL_ID, port=api.free_port(),
-                       idle_unload_s=None)
+                       idle_unload_s=None, kernels=args.cpu_kernels)
     step("starting the app in-process (ChatService + create_app + uvicorn)")
     running = api.start_app(config)
     try:
@@ -184,6 +186,8 @@ def measure_single(args, running) -> dict:
     with service.manager.use(MODEL_ID) as lm:
         prompt_ids = lm.render_chat(messages)
         device = lm.device
+        loaded = {"weights": lm.weights, "kernels": getattr(lm, "kernels", "torch"),
+                  "output_projection": type(lm.model.lm_head).__name__}
     header = read_header(service.catalog.get(MODEL_ID).path)
     folder = prepare_checkpoint(header, service.config.cache_dir, torch.bfloat16, "dense")  # the exact weights
     step(f"baseline model from {folder.name} (bfloat16)")
@@ -206,6 +210,7 @@ def measure_single(args, running) -> dict:
     gc.collect()
     result = {name: summarize_single(timings) for name, timings in runs.items()}
     result["baseline"]["prompt_tokens"] = len(prompt_ids)
+    result["loaded_model"] = loaded
     return result
 
 

@@ -21,8 +21,9 @@ UNICODE_TEXT = "Café au lait, naïve résumé ✓ done 🎉🚀 ok 👍🏽 end
 
 @pytest.fixture(scope="module")
 def models(tiny_models, model_cache):
-    """Each tiny model loaded once for the module (float32: same numbers on every machine)."""
-    return {arch: load_model(path, model_cache, LoadOptions(dtype="float32")) for arch, path in tiny_models.items()}
+    """Each tiny model loaded once for the module (float32, torch's kernels: same numbers on every machine)."""
+    return {arch: load_model(path, model_cache, LoadOptions(dtype="float32", kernels="torch"))
+            for arch, path in tiny_models.items()}
 
 
 def prompt_of(lm, text: str = "The quick brown fox") -> list[int]:
