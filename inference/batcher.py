@@ -261,11 +261,9 @@ class BatchScheduler:
         mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=device)], dim=1)
         batch = kv.Batch(batch.cache, mask, padded=batch.padded)
         with torch.inference_mode():
-            # no padding anywhere: the model's own causal masks (no 4-D mask built, SDPA's fast path)
-            out = self.lm.model(input_ids=tokens, attention_mask=mask if batch.padded else None,
-                                position_ids=positions, cache=batch.cache, use_cache=True, logits_to_keep=1)
+            # no padding anywhere: no mask at all (causal masks only, SDPA's fast path)
+            logits = self.lm.decode(tokens, positions, batch.cache, mask if batch.padded else None)
         self.steps += 1
-        logits = out.logits[:, -1]
         greedy = logits.argmax(-1).tolist() if any(_plain_greedy(r) for r in rows) else None  # one call for all
         keep = []
         for index, request in enumerate(rows):

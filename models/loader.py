@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
+from .decode_step import make_decode_step
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .gguf_file import GGUFHeader, read_header
 from .quant_checkpoint import load_quantized_model
@@ -74,6 +75,17 @@ class LoadedModel:
     weights: str = "dense"  # "quantized" | "dense": how the weights are held
     kernels: str = "torch"  # "native" | "torch": what multiplies the int8 weights of decode steps
     runtime: dict = field(default_factory=dict)  # engine state that lives and dies with these weights
+    decode_step: object = None  # models/decode_step.py's loop for `model`, where it covers the model
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor | None = None):
+        """Logits [rows, vocab] of one decode step: tokens and positions [rows, 1], one new token per row;
+        `mask` [rows, length] (0 = left padding, the new column included) or None when nothing is padded."""
+        step = self.decode_step
+        if step is not None and step.model is self.model:
+            return step(tokens, positions, cache, mask)
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` in this model's chat format, ending with the assistant's turn."""
@@ -323,4 +335,5 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         stop_token_ids=stop_ids(tokenizer, chat_format), memory_bytes=memory,
         load_seconds=time.perf_counter() - started, weights=weights,
         kernels="torch" if native is None else "native",
+        decode_step=make_decode_step(model) if weights == "quantized" else None,
     )

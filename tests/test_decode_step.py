@@ -1,0 +1,131 @@
+"""`models/decode_step.py`: one decode step without transformers' call stack gives the logits the
+model's own forward gives, for every architecture, single rows and left-padded batches, and past a
+sliding window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguf_factory import write_tiny_gguf
+from inference import kv
+from models.decode_step import make_decode_step
+from models.loader import LoadOptions, load_model
+
+ARCHS = ["llama", "qwen2", "gemma3"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, model_cache):
+    """Quantized tiny models (the path that gets a decode step), torch's kernels (same numbers
+    everywhere); gemma3 with a 32-token sliding window, so a short test crosses it."""
+    folder = tmp_path_factory.mktemp("decode-step")
+    loaded = {}
+    for arch in ARCHS:
+        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, hidden=128, ffn=256, heads=4, kv_heads=2,
+                               context_length=64, weight_types="mixed")
+        loaded[arch] = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
+    return loaded
+
+
+def model_step(lm, tokens, positions, cache, mask=None):
+    out = lm.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def prefill(lm, rows: list[list[int]]):
+    """Two identical left-padded caches of `rows`, and their mask."""
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    caches = []
+    for _ in range(2):
+        cache = kv.new_cache()
+        lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                 logits_to_keep=1)
+        caches.append(kv.zero_padding(kv.Batch(cache, mask)).cache)
+    return caches, mask
+
+
+def close(a, b, tolerance=1e-4):
+    return (a - b).norm() / b.norm() < tolerance
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_single_row_steps_match_the_models_forward(models, arch):
+    lm = models[arch]
+    step = make_decode_step(lm.model)
+    assert step is not None
+    prompt = lm.encode("The quick brown fox jumps")
+    with torch.inference_mode():
+        (ours, theirs), _ = prefill(lm, [prompt])
+        token, position = prompt[-1], len(prompt)
+        for _ in range(40):  # past gemma3's 32-token window
+            tokens, positions = torch.tensor([[token]]), torch.tensor([[position]])
+            want = model_step(lm, tokens, positions, theirs)
+            got = step(tokens, positions, ours)
+            assert got.shape == want.shape and close(got, want), position
+            token, position = int(want[0].argmax()), position + 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_batches_match_the_models_forward(models, arch):
+    lm = models[arch]
+    step = make_decode_step(lm.model)
+    rows = [lm.encode(text) for text in ("Hello", "The quick brown fox jumps over the lazy dog and the cat",
+                                         "One two three")]
+    with torch.inference_mode():
+        (ours, theirs), mask = prefill(lm, rows)
+        tokens = torch.tensor([[r[-1]] for r in rows])
+        positions = torch.tensor([[len(r)] for r in rows])
+        for _ in range(30):  # the longest row crosses gemma3's window
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+            want = model_step(lm, tokens, positions, theirs, mask)
+            got = step(tokens, positions, ours, mask)
+            # masked attention sums in another order than transformers' own masked path; the int8 kernel's
+            # bfloat16 inputs can turn such a last-bit difference into one bfloat16 step
+            assert close(got, want, 5e-3)
+            tokens, positions = want.argmax(-1, keepdim=True), positions + 1
+
+
+def test_unsupported_architectures_keep_the_models_forward():
+    class Config:
+        model_type = "mamba"
+
+    class Model:
+        config = Config()
+
+    assert make_decode_step(Model()) is None
+    Config.model_type, Config.attn_logit_softcapping = "gemma3_text", 50.0
+    assert make_decode_step(Model()) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_engine_decodes_through_it_with_the_same_replies(models, arch):
+    import dataclasses
+
+    from inference.generate import stream_generate
+    from inference.params import GenerationParams
+
+    lm = models[arch]
+    assert lm.decode_step is not None and lm.decode_step.model is lm.model
+    plain = dataclasses.replace(lm, decode_step=None, runtime={})  # the model's own forward
+    prompt = lm.encode("Once upon a time")
+    params = GenerationParams(max_tokens=24, temperature=0)
+    replies = ["".join(c.text for c in stream_generate(model, prompt, params)) for model in (lm, plain)]
+    assert replies[0] == replies[1] and replies[0]
+
+
+def test_dense_models_and_other_weights_use_the_models_forward(models, tmp_path, model_cache):
+    import dataclasses
+
+    dense_path = write_tiny_gguf(tmp_path / "d.gguf", "llama")
+    assert load_model(dense_path, model_cache, LoadOptions(weights="dense")).decode_step is None
+    lm = models["llama"]
+    other = dataclasses.replace(lm, model=load_model(dense_path, model_cache, LoadOptions(weights="dense")).model)
+    tokens, positions = torch.tensor([[1]]), torch.tensor([[0]])
+    with torch.inference_mode():  # the step belongs to the old weights: not used for the new ones
+        want = other.model(input_ids=tokens, position_ids=positions, cache=kv.new_cache()).logits[:, -1]
+        assert torch.equal(other.decode(tokens, positions, kv.new_cache()), want)
