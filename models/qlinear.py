@@ -86,13 +86,12 @@ class Int4Linear(nn.Module):
     """y = x W^T (+ b) with W in torch's packed int4 layout, group size 32.
 
     `native`: the AVX2 kernel (models/native_kernels.py) with the same values as `nibbles` and
-    float16 `native_scales`, used for inputs of fewer than `WIDE_ROWS` rows. Without `packed` (a
-    coarse copy only the kernel reads) every input goes to the kernel.
+    float16 `native_scales`, used for inputs of fewer than `WIDE_ROWS` rows.
     """
 
-    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor | None,
-                 scales_zeros: torch.Tensor | None, bias: torch.Tensor | None = None, native=None,
-                 nibbles: torch.Tensor | None = None, native_scales: torch.Tensor | None = None):
+    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, scales_zeros: torch.Tensor,
+                 bias: torch.Tensor | None = None, native=None, nibbles: torch.Tensor | None = None,
+                 native_scales: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", packed)
@@ -103,11 +102,9 @@ class Int4Linear(nn.Module):
         if self.native is not None:
             self.register_buffer("nibbles", nibbles)
             self.register_buffer("native_scales", native_scales.to(torch.float16).contiguous())
-        elif packed is None:
-            raise ValueError("an int4 layer needs torch's packed weights or the AVX2 kernel's")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and (self.packed is None or x.numel() // self.in_features < WIDE_ROWS):
+        if self.native is not None and x.numel() // self.in_features < WIDE_ROWS:
             y = self.native.matmul4(_flat(x, self.in_features, torch.float32), self.nibbles, self.native_scales)
             return _finish(y, x, self.out_features, self.bias)
         flat = _flat(x, self.in_features, self.scales_zeros.dtype)
@@ -159,46 +156,32 @@ class ShortlistHead(nn.Module):
     """An output projection over a large vocabulary: every logit from a coarse int4 copy of the table,
     then the `shortlist` best of each row recomputed from the exact int8 table.
 
-    Where the CPU has no native bfloat16, an int4 kernel reads Gemma's 262,144 x 640 table faster than
-    an int8 one; the best tokens, which are all that greedy decoding, top-k/top-p sampling and the
-    returned log-probabilities look at, get their exact int8 logits. Tokens outside the shortlist keep
-    their coarse logits (they share the exact path's ranking only approximately). With the AVX2 kernels
-    (`native`) both steps run on them, and inputs of `WIDE_ROWS` rows or more get the exact int8
-    product instead (the coarse copy then exists only in the kernel's layout).
+    Where the CPU has no native bfloat16 and torch's kernels serve, the int4 kernel reads Gemma's
+    262,144 x 640 table about twice as fast as the int8 one; the best tokens, which are all that greedy
+    decoding, top-k/top-p sampling and the returned log-probabilities look at, get their exact int8
+    logits. Tokens outside the shortlist keep their coarse logits (they share the exact path's ranking
+    only approximately). The AVX2 kernel reads the int8 table faster still and needs no shortlist.
     """
 
-    def __init__(self, coarse: Int4Linear, q: torch.Tensor, scale: torch.Tensor, shortlist: int = 256,
-                 native=None):
+    def __init__(self, coarse: Int4Linear, q: torch.Tensor, scale: torch.Tensor, shortlist: int = 256):
         super().__init__()
         self.coarse, self.shortlist = coarse, shortlist
         self.in_features, self.out_features = coarse.in_features, coarse.out_features
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
-        self.native = native
-        if native is not None:
-            self.register_buffer("scale32", scale.float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        native = self.native
-        flat = _flat(x, self.in_features, self.scale.dtype if native is None else torch.float32)
-        if native is not None and flat.shape[0] >= WIDE_ROWS:
-            exact = torch._weight_int8pack_mm(flat.to(self.scale.dtype), self.q, self.scale)
-            return _finish(exact, x, self.out_features, None)
         logits = self.coarse(x)
-        rows = logits.reshape(-1, self.out_features)
+        flat, rows = _flat(x, self.in_features, self.scale.dtype), logits.reshape(-1, self.out_features)
         best = rows.topk(min(self.shortlist, self.out_features), dim=-1).indices
         for row in range(rows.shape[0]):
             picked = best[row]
-            if native is not None:
-                exact = native.matmul(flat[row:row + 1], self.q[picked], self.scale32[picked])
-            else:
-                exact = torch._weight_int8pack_mm(flat[row:row + 1], self.q[picked], self.scale[picked])
+            exact = torch._weight_int8pack_mm(flat[row:row + 1], self.q[picked], self.scale[picked])
             rows[row].index_copy_(0, picked, exact[0].to(rows.dtype))
         return logits
 
     def extra_repr(self) -> str:
-        kernel = ", AVX2 kernel" if self.native is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, shortlist={self.shortlist}{kernel}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, shortlist={self.shortlist}"
 
 
 class Int8Embedding(nn.Module):
@@ -302,7 +285,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
             setattr(module, child_name, new)
     _tie_output(model, tensors, embedding, native)
     if shortlist:
-        _use_shortlist(model, tensors, native)
+        _use_shortlist(model, tensors)
     for name, param in list(model.named_parameters()):
         if name not in tensors:
             raise ValueError(f"the quantized checkpoint lacks {name}")
@@ -314,7 +297,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     fuse_norms(model)
 
 
-def _use_shortlist(model: nn.Module, tensors: dict, native=None) -> None:
+def _use_shortlist(model: nn.Module, tensors: dict) -> None:
     """Swap an int8 output projection for a `ShortlistHead` where the checkpoint has its coarse copy."""
     head = getattr(model, "lm_head", None)
     if not isinstance(head, Int8Linear) or head.bias is not None:
@@ -322,15 +305,9 @@ def _use_shortlist(model: nn.Module, tensors: dict, native=None) -> None:
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
         table = tensors.get(name + ".q")
         if name + ".coarse.packed" in tensors and table is not None and table.data_ptr() == head.q.data_ptr():
-            scales_zeros = tensors[name + ".coarse.scales_zeros"]
-            if native is not None and native.supports(head.in_features):  # the kernel's layout only
-                coarse = Int4Linear(head.in_features, head.out_features, None, None, native=native,
-                                    nibbles=tensors[name + ".coarse.nibbles"], native_scales=scales_zeros)
-            else:
-                native = None
-                coarse = Int4Linear(head.in_features, head.out_features, tensors[name + ".coarse.packed"],
-                                    scales_zeros.transpose(0, 1).to(KERNEL_DTYPE).contiguous())
-            model.lm_head = ShortlistHead(coarse, head.q, head.scale, native=native)
+            scales_zeros = tensors[name + ".coarse.scales_zeros"].transpose(0, 1).to(KERNEL_DTYPE).contiguous()
+            coarse = Int4Linear(head.in_features, head.out_features, tensors[name + ".coarse.packed"], scales_zeros)
+            model.lm_head = ShortlistHead(coarse, head.q, head.scale)
             return
 
 

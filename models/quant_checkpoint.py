@@ -77,9 +77,9 @@ def choose_kind(slot: WeightSlot) -> str:
     return "int8"
 
 
-def _int4_parts(name: str, rows: int, cols: int) -> list[Part]:
-    return [Part(name + ".packed", "U8", (rows, cols // 2)), Part(name + ".scales_zeros", "F32", (rows, cols // GROUP, 2)),
-            Part(name + ".nibbles", "U8", (rows, cols // 2))]
+def _int4_parts(name: str, rows: int, cols: int, nibbles: bool = True) -> list[Part]:
+    parts = [Part(name + ".packed", "U8", (rows, cols // 2)), Part(name + ".scales_zeros", "F32", (rows, cols // GROUP, 2))]
+    return parts + [Part(name + ".nibbles", "U8", (rows, cols // 2))] if nibbles else parts
 
 
 def has_coarse_copy(slot: WeightSlot, kind: str) -> bool:
@@ -98,7 +98,7 @@ def _parts(slot: WeightSlot, kind: str) -> list[Part]:
         return _int4_parts(slot.name, rows, cols)
     parts = [Part(slot.name + ".q", "I8", (rows, cols)), Part(slot.name + ".scale", "F32", (rows,))]
     if has_coarse_copy(slot, kind):
-        parts += _int4_parts(slot.name + ".coarse", rows, cols)
+        parts += _int4_parts(slot.name + ".coarse", rows, cols, nibbles=False)  # torch's kernel only
     return parts
 
 
@@ -174,14 +174,15 @@ def _convert_rows(header: GGUFHeader, plan: WeightPlan, quant: QuantSlot,
     pieces = [table.q.view(np.uint8), table.scale.view(np.uint8)]
     if len(quant.parts) > 2:  # the coarse copy
         coarse = round_int4(table.dequantize())
-        pieces += _int4_bytes(coarse.q, coarse.scale, coarse.min)
+        pieces += _int4_bytes(coarse.q, coarse.scale, coarse.min, nibbles=False)
     return pieces
 
 
-def _int4_bytes(q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> list[np.ndarray]:
+def _int4_bytes(q: np.ndarray, scale: np.ndarray, low: np.ndarray, nibbles: bool = True) -> list[np.ndarray]:
     packed = pack_int4(torch.from_numpy(q)).numpy()
     scales_zeros = np.stack([scale, 8 * scale - low], axis=-1).astype(np.float32)
-    return [packed.view(np.uint8), scales_zeros.view(np.uint8), pack_nibbles(q.astype(np.uint8))]
+    pieces = [packed.view(np.uint8), scales_zeros.view(np.uint8)]
+    return pieces + [pack_nibbles(q.astype(np.uint8))] if nibbles else pieces
 
 
 def write_quantized_weights(header: GGUFHeader, config, path: Path, progress: ProgressFn | None = None) -> None:
@@ -233,7 +234,9 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
     """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate.
 
     `shortlist`: project the output through `ShortlistHead` where the checkpoint has a coarse copy;
-    None = where the CPU has no native bfloat16 (there int4 kernels read the table faster than int8 ones).
+    None = where the CPU has no native bfloat16 and torch's kernels serve (there torch's int4 kernel reads
+    the table about twice as fast as its int8 one; the AVX2 kernel reads the int8 table faster than both,
+    and a batch of rows pays the shortlist's per-row selection).
     `native`: the AVX2 int8 kernels (models/native_kernels.py) for the int8 layers' decode steps.
     """
     from accelerate import init_empty_weights
@@ -249,6 +252,6 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
     if shortlist is None:
         from .cpu_matmul import cpu_has_native_bf16
 
-        shortlist = not cpu_has_native_bf16()
+        shortlist = native is None and not cpu_has_native_bf16()
     install_quantized(model, tensors, dtype, shortlist=shortlist, native=native)
     return model.eval()
