@@ -37,6 +37,19 @@ _SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_to
 _IGNORED_FIELDS = {"n", "user", "stream_options", "frequency_penalty", "presence_penalty", "logit_bias", "model",
                    "messages", "stream", "response_format", "tools", "tool_choice", "logprobs", "top_logprobs",
                    "parallel_tool_calls", "metadata", "store", "service_tier"}
+# OpenAI fields this server does not carry out yet: a request that asks for one (anything but its
+# neutral value, which clients such as LangChain send by default) is refused with a 400 naming it,
+# never answered as if it had been honoured.
+_UNSUPPORTED_FIELDS = {
+    "logprobs": lambda value: value not in (None, False),
+    "top_logprobs": lambda value: value not in (None, 0),
+    "tools": lambda value: value not in (None, []),
+    "tool_choice": lambda value: value not in (None, "none", "auto"),
+    "response_format": lambda value: value is not None and value != {"type": "text"},
+    "presence_penalty": lambda value: value not in (None, 0),
+    "frequency_penalty": lambda value: value not in (None, 0),
+    "logit_bias": lambda value: value not in (None, {}),
+}
 
 
 class APIError(Exception):
@@ -151,6 +164,10 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
         log.info("ignoring unsupported fields: %s", ", ".join(unknown))
     if body.get("n", 1) not in (1, None):
         raise APIError(400, "only n=1 is supported", param="n")
+    for field, asks_for_it in _UNSUPPORTED_FIELDS.items():
+        if asks_for_it(body.get(field)):
+            raise APIError(400, f"'{field}' is not supported by this server yet; send it without this field "
+                                f"(README lists the fields /v1 honours)", param=field)
     sampling = {target: body[source] for source, target in _SAMPLING_FIELDS.items() if body.get(source) is not None}
     sampling.setdefault("temperature", 1.0)
     sampling.setdefault("top_p", 1.0)

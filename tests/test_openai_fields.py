@@ -1,0 +1,48 @@
+"""/v1 never pretends: an OpenAI field the server does not carry out is refused with a 400 naming it,
+while the neutral values clients send by default (LangChain: presence_penalty=0, ...) are accepted."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from app_harness import app_config, running_app
+
+MODEL = "tiny-llama"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_models, model_cache):
+    with running_app(app_config(tmp_path_factory.mktemp("v1-fields"), tiny_models, model_cache)) as running:
+        yield running
+
+
+def post(app, **fields):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 2, "temperature": 0, **fields}
+    return httpx.post(f"{app.v1}/chat/completions", json=body, timeout=60)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"),
+    ("response_format", {"type": "json_object"}),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1),
+    ("logit_bias", {"42": 10}),
+])
+def test_what_is_not_carried_out_is_refused_by_name(app, field, value):
+    response = post(app, **{field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_neutral_values_are_accepted(app):
+    response = post(app, logprobs=False, top_logprobs=0, tools=[], tool_choice="none", presence_penalty=0,
+                    frequency_penalty=0.0, logit_bias={}, response_format={"type": "text"}, user="u1",
+                    parallel_tool_calls=True, metadata={"a": "b"}, store=False)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["role"] == "assistant"
