@@ -293,4 +293,4 @@ class BatchScheduler:
 
 def _plain_greedy(request: Request) -> bool:
     """Greedy with nothing to adjust first: the batch's argmax is the row's token."""
-    return request.params.greedy and request.params.repetition_penalty == 1.0
+    return request.params.greedy and not request.params.penalised

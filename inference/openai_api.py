@@ -33,8 +33,9 @@ DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client i
 
 _SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                     "top_p": "top_p", "top_k": "top_k", "stop": "stop", "seed": "seed",
-                    "repetition_penalty": "repetition_penalty"}
-_IGNORED_FIELDS = {"n", "user", "stream_options", "frequency_penalty", "presence_penalty", "logit_bias", "model",
+                    "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                    "frequency_penalty": "frequency_penalty"}
+_IGNORED_FIELDS = {"n", "user", "stream_options", "logit_bias", "model",
                    "messages", "stream", "response_format", "tools", "tool_choice", "logprobs", "top_logprobs",
                    "parallel_tool_calls", "metadata", "store", "service_tier"}
 # OpenAI fields this server does not carry out yet: a request that asks for one (anything but its
@@ -46,8 +47,6 @@ _UNSUPPORTED_FIELDS = {
     "tools": lambda value: value not in (None, []),
     "tool_choice": lambda value: value not in (None, "none", "auto"),
     "response_format": lambda value: value is not None and value != {"type": "text"},
-    "presence_penalty": lambda value: value not in (None, 0),
-    "frequency_penalty": lambda value: value not in (None, 0),
     "logit_bias": lambda value: value not in (None, {}),
 }
 

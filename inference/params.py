@@ -22,6 +22,8 @@ class GenerationParams:
     top_p: float = 0.95
     top_k: int = 40
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already produced
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was already produced
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
@@ -31,6 +33,8 @@ class GenerationParams:
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_number("top_k", self.top_k, 0, 1_000_000, integer=True)
         _check_number("repetition_penalty", self.repetition_penalty, 0.1, 10.0)
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
             _check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -46,6 +50,11 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the tokens produced so far change the next token's logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
     def from_dict(cls, values: dict | None, *, max_tokens_limit: int | None = None) -> "GenerationParams":
@@ -83,7 +92,8 @@ def _check_number(name, value, low, high, *, integer=False, low_open=False) -> N
         raise InvalidParams(f"{name}: must be {bound} and at most {high}, got {value}")
 
 
-SETTINGS_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "system_prompt", "repetition_penalty")
+SETTINGS_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "system_prompt", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty")
 
 
 def parse_settings(raw: str | dict | None) -> dict:

@@ -32,6 +32,9 @@ def _request_body(engine: RemoteEngine, messages: list[dict], params: Generation
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's own fields: every such server knows them
+        if getattr(params, name):
+            body[name] = getattr(params, name)
     return body
 
 

@@ -57,8 +57,8 @@ class Request:
 
     @property
     def history(self) -> torch.Tensor | None:
-        """The produced tokens, when the repetition penalty needs them."""
-        return torch.tensor(self.produced, dtype=torch.long) if self.params.repetition_penalty != 1.0 else None
+        """The produced tokens, when a penalty needs them."""
+        return torch.tensor(self.produced, dtype=torch.long) if self.params.penalised else None
 
     def accept(self, token: int) -> bool:
         """Take the next sampled token and stream its text; True once the request is finished."""

@@ -21,16 +21,26 @@ def sample_next(logits: torch.Tensor, params: GenerationParams, generator: torch
                 history: torch.Tensor | None = None) -> int:
     """Pick the next token from one row of logits (any float dtype, on the CPU)."""
     logits = logits.float()
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+    if params.penalised and history is not None and history.numel():
         # a copy: the model's logits are inference tensors (read-only out here) and stay untouched
-        logits = logits.clone()
-        seen = logits[history]
-        logits[history] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        logits = penalise(logits.clone(), params, history)
     if params.greedy:
         return int(torch.argmax(logits))
     probs, ids = candidates(logits, params)
     index = draw(probs, generator)
     return index if ids is None else int(ids[index])
+
+
+def penalise(logits: torch.Tensor, params: GenerationParams, history: torch.Tensor) -> torch.Tensor:
+    """The repetition penalty (divides positive logits of produced tokens, multiplies negative ones), then
+    OpenAI's presence and frequency penalties (minus `presence` once, minus `frequency` per occurrence)."""
+    seen, counts = history.unique(return_counts=True)
+    if params.repetition_penalty != 1.0:
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        logits[seen] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    return logits
 
 
 def candidates(logits: torch.Tensor, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -207,12 +207,13 @@ class ForwardCounter:
 @contextlib.contextmanager
 def counted_forwards(service, model_id: str, delay_s: float = 0.0) -> Iterator[ForwardCounter]:
     """Load `model_id` and count its forward passes; `delay_s` per pass makes a tiny model slow enough
-    that a test can act in the middle of a generation."""
+    that a test can act in the middle of a generation. Counted at the output projection, which every
+    pass runs once: a prefill through the model's forward and a decode step (models/decode_step.py)."""
     service.load_model(model_id)
     with service.manager.use(model_id) as lm:
         model = lm.model
     counter = ForwardCounter(delay_s)
-    handle = model.register_forward_pre_hook(counter)
+    handle = model.lm_head.register_forward_pre_hook(counter)
     try:
         yield counter
     finally:

@@ -325,8 +325,8 @@ def test_bad_values_are_refused_by_name(name, value):
 
 
 def test_unknown_keys_are_refused_by_name():
-    with pytest.raises(InvalidParams, match="unknown setting\\(s\\): frequency_penalty, temprature"):
-        GenerationParams.from_dict({"temprature": 0.5, "frequency_penalty": 1, "top_p": 0.5})
+    with pytest.raises(InvalidParams, match="unknown setting\\(s\\): logit_bias, temprature"):
+        GenerationParams.from_dict({"temprature": 0.5, "logit_bias": 1, "top_p": 0.5})
 
 
 def test_good_values():

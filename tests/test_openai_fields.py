@@ -29,8 +29,6 @@ def post(app, **fields):
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1),
     ("logit_bias", {"42": 10}),
 ])
 def test_what_is_not_carried_out_is_refused_by_name(app, field, value):
@@ -38,6 +36,15 @@ def test_what_is_not_carried_out_is_refused_by_name(app, field, value):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == field and field in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_presence_and_frequency_penalties_are_honoured(app):
+    plain = post(app, max_tokens=24)
+    penalised = post(app, max_tokens=24, frequency_penalty=2.0, presence_penalty=2.0)
+    assert plain.status_code == penalised.status_code == 200, penalised.text
+    assert penalised.json()["choices"][0]["message"]["content"] != plain.json()["choices"][0]["message"]["content"]
+    out_of_range = post(app, presence_penalty=3)
+    assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "presence_penalty"
 
 
 def test_neutral_values_are_accepted(app):

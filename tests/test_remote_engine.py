@@ -203,3 +203,15 @@ def test_remote_option_is_checked_on_the_command_line(capsys):
         config_from_args(["--remote", "far=gpu-box:8000"])
     error = capsys.readouterr().err
     assert "--remote wants ID=http(s)://" in error and "Traceback" not in error
+
+
+def test_openai_penalties_reach_the_remote_only_when_set():
+    from inference.params import GenerationParams
+    from inference.remote import _request_body
+    from models.catalog import RemoteEngine
+
+    engine = RemoteEngine("http://x/v1", "m")
+    plain = _request_body(engine, [], GenerationParams())
+    assert "presence_penalty" not in plain and "frequency_penalty" not in plain
+    penalised = _request_body(engine, [], GenerationParams(presence_penalty=0.5, frequency_penalty=-0.5))
+    assert penalised["presence_penalty"] == 0.5 and penalised["frequency_penalty"] == -0.5

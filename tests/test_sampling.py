@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inference.params import GenerationParams
-from inference.sampling import FIRST_WINDOW, candidates, draw, sample_next
+from inference.sampling import FIRST_WINDOW, candidates, draw, penalise, sample_next
 
 VOCAB = 262_144  # Gemma 3's vocabulary, where sorting everything is what made sampling slow
 
@@ -137,3 +137,14 @@ def test_repetition_penalty_leaves_the_models_logits_alone():
     penalised = GenerationParams(temperature=0.0, repetition_penalty=2.0)
     assert sample_next(logits, penalised, None, torch.tensor([1])) == 2
     assert torch.equal(logits, before)
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    history = torch.tensor([3, 3, 1])
+    params = GenerationParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
+    assert params.penalised
+    penalised = penalise(logits.clone(), params, history)
+    assert penalised.tolist() == [1.0, 2.0 - 0.5 - 0.25, 3.0, 4.0 - 0.5 - 0.5]
+    assert sample_next(logits, GenerationParams(temperature=0.0, frequency_penalty=2.0), None, history) == 2
+    assert not GenerationParams(temperature=0.0).penalised
