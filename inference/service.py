@@ -150,11 +150,12 @@ class ChatService:
     # ----- chat --------------------------------------------------------------------------------
     def chat(self, owner: str, session_id: str, message: str, model_id: str = "",
              settings: str | dict | None = "", regenerate: bool = False,
-             cancel_event: threading.Event | None = None) -> Iterator[ChatUpdate]:
+             cancel_event: threading.Event | None = None, admission=None) -> Iterator[ChatUpdate]:
         """Stream the assistant's reply to `message` in a session, storing both turns.
 
         With `regenerate`, the last assistant reply is dropped and the last user message is answered
-        again (`message` is then ignored).
+        again (`message` is then ignored). `admission`: a generation slot the caller already holds
+        (see `Engine.stream_chat`); without one, the turn waits for a slot.
         """
         session = self.store.get(owner, _required(session_id, "session_id"))
         for name, value in (("message", message), ("model_id", model_id)):
@@ -177,11 +178,12 @@ class ChatService:
         cancel = self._new_cancel(session_id, cancel_event)
         try:
             yield from self._chat_turn(owner, session, message, model_id, params, system_prompt, cancel,
-                                       replace_from)
+                                       replace_from, admission)
         finally:
             self._drop_cancel(session_id, cancel)
 
-    def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None):
+    def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None,
+                   admission=None):
         session_id = session["id"]
         messages = self.store.messages(owner, session_id)
         if replace_from is not None:
@@ -199,7 +201,8 @@ class ChatService:
                 )
             except ValueError as error:
                 raise ServiceError(str(error)) from error
-            stream = self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id)
+            stream = self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id,
+                                             admission=admission)
             # Admission (Busy) and prompt checks happen at the first chunk: take it before storing anything,
             # so a refused request leaves the history exactly as it was.
             first = next(stream, None)
@@ -351,12 +354,13 @@ class ChatService:
 
     # ----- one-shot completions (the /v1 API) ----------------------------------------------------
     def complete(self, model_id: str, messages: list[dict], params: GenerationParams,
-                 cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Stream a reply to OpenAI-style `messages` with no session attached."""
+                 cancel: threading.Event | None = None, admission=None) -> Iterator[Chunk]:
+        """Stream a reply to OpenAI-style `messages` with no session attached (`admission`: as in `chat`)."""
         if not model_id:
             raise ServiceError("model is required")
         with self.manager.use(model_id) as lm:
-            yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event())
+            yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event(),
+                                               admission=admission)
 
 
 def describe_supported(shown: int = 16) -> str:
