@@ -63,8 +63,8 @@ class ChatService:
                              prefix_cache_bytes=config.prefix_cache_bytes if config.prefix_cache else 0)
         self.store = SessionStore(config.data_dir)
         self.store.on_delete.append(self.engine.forget_session)
-        self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits(
-            max_bytes=config.max_upload_bytes, timeout_s=config.parse_timeout_s))
+        self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits.for_uploads(
+            config.max_upload_bytes, timeout_s=config.parse_timeout_s))
         self._cancels: dict[str, threading.Event] = {}
         self._cancels_lock = threading.Lock()
 
