@@ -20,7 +20,7 @@ from models.loader import LoadOptions, import_model_code
 from models.manager import ModelError, ModelManager, format_bytes
 from parsers import ParseError, ParseLimits, is_supported, supported_types
 from parsers.pool import ParsePool
-from sessions import SessionStore, assemble_context, session_documents
+from sessions import DocumentCache, SessionStore, assemble_context, session_documents
 
 from .config import AppConfig, default_memory_budget
 from .engine import Busy, Engine
@@ -67,6 +67,7 @@ class ChatService:
             config.max_upload_bytes, timeout_s=config.parse_timeout_s))
         self._cancels: dict[str, threading.Event] = {}
         self._cancels_lock = threading.Lock()
+        self.documents = DocumentCache()  # token counts, chunks and BM25 terms per file and model, across turns
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,6 +199,7 @@ class ChatService:
                     system_prompt=system_prompt, documents=documents, history=history, question=message,
                     count_tokens=self.engine.token_counter(lm), context_limit=context,
                     reply_budget=min(params.max_tokens, max(16, context // 4)),
+                    cache=self.documents, tokenizer_key=model_id,
                 )
             except ValueError as error:
                 raise ServiceError(str(error)) from error
@@ -350,6 +352,7 @@ class ChatService:
 
     def remove_file(self, owner: str, session_id: str, file_id: str) -> dict:
         self.store.remove_file(owner, _required(session_id, "session_id"), _required(file_id, "file_id"))
+        self.documents.forget(file_id)
         return {"removed": file_id}
 
     # ----- one-shot completions (the /v1 API) ----------------------------------------------------
