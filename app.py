@@ -800,9 +800,18 @@ def create_app(service: ChatService):
     demo.has_launched = True
     for gradio_app in mounted_gradio_apps(app):  # an unknown api_name is a 404, not an internal server error
         gradio_app.add_exception_handler(FnIndexInferError, _unknown_endpoint)
-    # Every request body is bounded (the largest is an upload): a huge POST is refused (413), not read into memory.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 2**20)
+    add_body_limits(app, config)
     return app
+
+
+UPLOAD_ROUTES = ("/gradio_api/upload",)  # Gradio's upload route: the only one that takes files
+
+
+def add_body_limits(app, config: AppConfig) -> None:
+    """Every request body is bounded before it is read and before any login check: a few MiB (sized from
+    --max-prompt-chars) everywhere, --max-upload on the upload route. A huge POST gets 413, not read."""
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes,
+                       larger={path: config.max_upload_body_bytes for path in UPLOAD_ROUTES})
 
 
 def _no_telemetry() -> None:

@@ -103,9 +103,18 @@ class BatchScheduler:
         self.prefills = 0  # prefill forwards (a group of prompts, or one chunk of one prompt)
 
     # ----- the caller's side -----------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether the decode loop runs: an idle scheduler holds no thread, no request and no batch KV
+        (only the prefix cache)."""
+        return self._running
+
     def stream(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
-               session_key: str | None = None) -> Iterator[Chunk]:
-        request = Request.create(self.lm, prompt_ids, params, cancel, session_key)
+               session_key: str | None = None, on_done=None) -> Iterator[Chunk]:
+        """The request's chunks as the decode loop makes them. `on_done()` runs on the loop once the
+        request is finished or dropped, even if nobody reads the rest of this stream; a consumer
+        that closes it early sets `cancel`, which drops the request before its next token."""
+        request = Request.create(self.lm, prompt_ids, params, cancel, session_key, on_done)
         request.report_cache = self.prefix is not None
         with self._lock:
             self._pending.append(request)
@@ -156,7 +165,7 @@ class BatchScheduler:
                 self._pending, self._running = [], False
             for request in orphans:
                 if not request.finished:
-                    request.out.put(error)
+                    request.fail(error)
 
     def _dropped(self, request: Request) -> bool:
         if request.cancel.is_set():

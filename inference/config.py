@@ -96,6 +96,17 @@ class AppConfig:
     kernels: str = "auto"  # "auto" | "torch" | "native": CPU kernels of quantized weights (models/loader.py)
 
     @property
+    def max_body_bytes(self) -> int:
+        """The largest request body on every route but file uploads: room for a `max_prompt_chars`
+        prompt with every character JSON-escaped (6 bytes), and never under 4 MiB."""
+        return max(4 * 2**20, 6 * self.max_prompt_chars + 2**20)
+
+    @property
+    def max_upload_body_bytes(self) -> int:
+        """The largest upload request: the largest file and 1 MiB for the multipart framing."""
+        return self.max_upload_bytes + 2**20
+
+    @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
 

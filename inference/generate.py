@@ -70,7 +70,7 @@ def check_prompt(prompt_len: int, context_length: int) -> None:
 
 
 def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
-                    cancel: threading.Event | None = None) -> Iterator[Chunk]:
+                    cancel: threading.Event | None = None, on_done=None) -> Iterator[Chunk]:
     """Generate a reply to `prompt_ids` with the loaded model `lm`, one `Chunk` per new text.
 
     A batch of one: its own decode loop (inference/batcher.py, no prefix cache), so a request
@@ -80,4 +80,5 @@ def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
     from .batcher import BatchScheduler
 
     scheduler = BatchScheduler(lm, max_batch=1, prefix_cache_bytes=0)
-    yield from scheduler.stream(prompt_ids, params, cancel if cancel is not None else threading.Event())
+    yield from scheduler.stream(prompt_ids, params, cancel if cancel is not None else threading.Event(),
+                                on_done=on_done)

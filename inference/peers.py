@@ -29,7 +29,9 @@ class Peer(Protocol):
         """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`)."""
 
     def stream(self, prepared: object, params: GenerationParams, cancel: threading.Event,
-               session_id: str | None = None) -> Iterator[Chunk]: ...
+               session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
+        """The reply's chunks; `on_done()` is called once the generation has stopped computing (where
+        the peer can tell sooner than its consumer closing the stream)."""
 
 
 class LocalPeer:
@@ -49,10 +51,10 @@ class LocalPeer:
         return prompt_ids
 
     def stream(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
-               session_id: str | None = None) -> Iterator[Chunk]:
+               session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
         if self.scheduler is None:
-            return stream_generate(self.model, prompt_ids, params, cancel)
-        return self.scheduler().stream(prompt_ids, params, cancel, session_key=session_id)
+            return stream_generate(self.model, prompt_ids, params, cancel, on_done=on_done)
+        return self.scheduler().stream(prompt_ids, params, cancel, session_key=session_id, on_done=on_done)
 
 
 class RemotePeer:
@@ -71,7 +73,8 @@ class RemotePeer:
         return messages
 
     def stream(self, messages: list[dict], params: GenerationParams, cancel: threading.Event,
-               session_id: str | None = None) -> Iterator[Chunk]:
+               session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
+        # on_done is not called: the remote generation stops when its consumer closes this stream
         from .remote import stream_remote
 
         return stream_remote(self.spec.remote, messages, params, cancel, name=self.spec.id)

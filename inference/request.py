@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -40,10 +41,11 @@ class Request:
     reused: int = 0  # prompt tokens whose KV came from the session's prefix cache
     report_cache: bool = False  # whether the last chunk's timings say `cached_prompt_tokens`
     finished: bool = False
+    on_done: Callable[[], None] | None = None  # called once, on the decode loop, when the request ends
 
     @classmethod
     def create(cls, lm, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
-               session_key: str | None = None) -> "Request":
+               session_key: str | None = None, on_done: Callable[[], None] | None = None) -> "Request":
         """A request for the loaded model `lm`; raises `PromptTooLong` if no reply fits its context."""
         check_prompt(len(prompt_ids), lm.context_length)
         generator = None
@@ -53,7 +55,7 @@ class Request:
         return cls(list(prompt_ids), params, cancel, session_key,
                    budget=min(params.max_tokens, lm.context_length - len(prompt_ids)),
                    detok=IncrementalDetokenizer(lm.tokenizer), stops=StopMatcher(params.stop),
-                   stop_token_ids=lm.stop_token_ids, generator=generator)
+                   stop_token_ids=lm.stop_token_ids, generator=generator, on_done=on_done)
 
     @property
     def history(self) -> torch.Tensor | None:
@@ -95,3 +97,17 @@ class Request:
         self.finished = True
         self.out.put(Chunk(text=tail, completion_tokens=produced, prompt_tokens=len(self.prompt_ids),
                            finish_reason=reason, timings=timings))
+        self._done()
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with `error`, which its caller's stream raises."""
+        self.finished = True
+        self.out.put(error)
+        self._done()
+
+    def _done(self) -> None:
+        """Tell the owner (the admission gate) that nothing more is computed for this request: its
+        slot is free, whether or not its consumer is still reading the queued chunks."""
+        done, self.on_done = self.on_done, None
+        if done is not None:
+            done()

@@ -20,7 +20,7 @@ from models.loader import LoadOptions, import_model_code
 from models.manager import ModelError, ModelManager, format_bytes
 from parsers import ParseError, ParseLimits, is_supported, supported_types
 from parsers.pool import ParsePool
-from sessions import SessionStore, assemble_context, session_documents
+from sessions import DocumentCache, SessionStore, assemble_context, session_documents
 
 from .config import AppConfig, default_memory_budget
 from .engine import Busy, Engine
@@ -63,10 +63,11 @@ class ChatService:
                              prefix_cache_bytes=config.prefix_cache_bytes if config.prefix_cache else 0)
         self.store = SessionStore(config.data_dir)
         self.store.on_delete.append(self.engine.forget_session)
-        self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits(
-            max_bytes=config.max_upload_bytes, timeout_s=config.parse_timeout_s))
+        self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits.for_uploads(
+            config.max_upload_bytes, timeout_s=config.parse_timeout_s))
         self._cancels: dict[str, threading.Event] = {}
         self._cancels_lock = threading.Lock()
+        self.documents = DocumentCache()  # token counts, chunks and BM25 terms per file and model, across turns
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,11 +174,12 @@ class ChatService:
     # ----- chat --------------------------------------------------------------------------------
     def chat(self, owner: str, session_id: str, message: str, model_id: str = "",
              settings: str | dict | None = "", regenerate: bool = False,
-             cancel_event: threading.Event | None = None) -> Iterator[ChatUpdate]:
+             cancel_event: threading.Event | None = None, admission=None) -> Iterator[ChatUpdate]:
         """Stream the assistant's reply to `message` in a session, storing both turns.
 
         With `regenerate`, the last assistant reply is dropped and the last user message is answered
-        again (`message` is then ignored).
+        again (`message` is then ignored). `admission`: a generation slot the caller already holds
+        (see `Engine.stream_chat`); without one, the turn waits for a slot.
         """
         session = self.store.get(owner, _required(session_id, "session_id"))
         for name, value in (("message", message), ("model_id", model_id)):
@@ -200,11 +202,12 @@ class ChatService:
         cancel = self._new_cancel(session_id, cancel_event)
         try:
             yield from self._chat_turn(owner, session, message, model_id, params, system_prompt, cancel,
-                                       replace_from)
+                                       replace_from, admission)
         finally:
             self._drop_cancel(session_id, cancel)
 
-    def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None):
+    def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None,
+                   admission=None):
         session_id = session["id"]
         messages = self.store.messages(owner, session_id)
         if replace_from is not None:
@@ -219,10 +222,12 @@ class ChatService:
                     system_prompt=system_prompt, documents=documents, history=history, question=message,
                     count_tokens=self.engine.token_counter(lm), context_limit=context,
                     reply_budget=min(params.max_tokens, max(16, context // 4)),
+                    cache=self.documents, tokenizer_key=model_id,
                 )
             except ValueError as error:
                 raise ServiceError(str(error)) from error
-            stream = self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id)
+            stream = self.engine.stream_chat(lm, assembled.messages, params, cancel, session_id=session_id,
+                                             admission=admission)
             # Admission (Busy) and prompt checks happen at the first chunk: take it before storing anything,
             # so a refused request leaves the history exactly as it was.
             first = next(stream, None)
@@ -370,16 +375,18 @@ class ChatService:
 
     def remove_file(self, owner: str, session_id: str, file_id: str) -> dict:
         self.store.remove_file(owner, _required(session_id, "session_id"), _required(file_id, "file_id"))
+        self.documents.forget(file_id)
         return {"removed": file_id}
 
     # ----- one-shot completions (the /v1 API) ----------------------------------------------------
     def complete(self, model_id: str, messages: list[dict], params: GenerationParams,
-                 cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Stream a reply to OpenAI-style `messages` with no session attached."""
+                 cancel: threading.Event | None = None, admission=None) -> Iterator[Chunk]:
+        """Stream a reply to OpenAI-style `messages` with no session attached (`admission`: as in `chat`)."""
         if not model_id:
             raise ServiceError("model is required")
         with self.manager.use(model_id) as lm:
-            yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event())
+            yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event(),
+                                               admission=admission)
 
 
 def describe_supported(shown: int = 16) -> str:

@@ -40,10 +40,23 @@ class ParseLimits:
     max_chars: int = 5_000_000
     timeout_s: float = 60.0
 
+    def too_much_text(self, name: str, chars: int, complete: bool = True) -> "ParseError":
+        """The error for a document over `max_chars` (`complete`: `chars` is its whole text, not a part)."""
+        holds = f"holds {chars:,}" if complete else f"holds more than {chars:,}"
+        return ParseError(f"'{name}' {holds} characters of text; the limit is {self.max_chars:,}. "
+                          "Split it, or upload the part you need.")
+
     def __post_init__(self):
         for key in ("max_bytes", "max_pages", "max_docx_uncompressed", "max_chars", "timeout_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"ParseLimits.{key} must be positive, got {getattr(self, key)!r}")
+
+    @classmethod
+    def for_uploads(cls, max_bytes: int, **others) -> "ParseLimits":
+        """The limits for uploads of at most `max_bytes` (--max-upload): the .docx expansion cap follows
+        it (Word's XML deflates about 10:1, so 20x the largest upload, between 16 MiB and 200 MiB)."""
+        expansion = min(cls.max_docx_uncompressed, max(16 * 2**20, 20 * max_bytes))
+        return cls(max_bytes=max_bytes, max_docx_uncompressed=expansion, **others)
 
     def to_dict(self) -> dict:
         """The limits as a plain dict (what travels to a worker process)."""

@@ -23,6 +23,10 @@ _MAX_RATIO = 200
 _RATIO_MIN_BYTES = 1024 * 1024
 # The parts docx2txt reads.
 _TEXT_PARTS = re.compile(r"word/(document|header[0-9]*|footer[0-9]*)\.xml")
+# XML bytes a text part may take per character of the text limit: Word's markup around a run of text
+# is rarely above 10 bytes a character; a part far larger holds (or pretends to hold) more text than
+# the limit lets through, and is refused before docx2txt builds it in memory.
+_XML_BYTES_PER_CHAR = 16
 _CHUNK = 1024 * 1024
 
 
@@ -67,6 +71,11 @@ def check_sizes(members, limits: ParseLimits, name: str) -> None:
         raise ParseError(
             f"'{name}' was refused: it would expand to {human_size(total)}, over the "
             f"{human_size(limits.max_docx_uncompressed)} limit (possibly a zip bomb).")
+    text_xml = sum(member.file_size for member in members if _TEXT_PARTS.fullmatch(member.filename))
+    if text_xml > _XML_BYTES_PER_CHAR * limits.max_chars:
+        raise ParseError(
+            f"'{name}' was refused: its text expands to {human_size(text_xml)} of XML, far more than a document "
+            f"within the {limits.max_chars:,}-character limit takes (possibly a zip bomb).")
     for member in members:
         if (member.file_size > _RATIO_MIN_BYTES
                 and member.file_size > _MAX_RATIO * max(member.compress_size, 1)):

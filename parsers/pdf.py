@@ -30,7 +30,7 @@ def parse(path: Path, limits: ParseLimits, name: str) -> Document:
         raise ParseError(f"'{name}' is not a valid PDF: it is corrupt or truncated.") from exc
     with doc:
         check_openable(doc, limits, name)
-        page_texts = extract_pages(doc, name)
+        page_texts = extract_pages(doc, name, limits)
     return build_document(page_texts, name)
 
 
@@ -63,14 +63,18 @@ def check_openable(doc, limits: ParseLimits, name: str) -> None:
             f"'{name}' has {doc.page_count} pages; the limit is {limits.max_pages} pages.")
 
 
-def extract_pages(doc, name: str) -> list[str]:
-    """The text of every page, in order."""
-    texts = []
+def extract_pages(doc, name: str, limits: ParseLimits) -> list[str]:
+    """The text of every page, in order; refused as soon as it passes `limits.max_chars` (a small PDF can
+    draw one huge content stream on each of its pages: reading them all first would take minutes)."""
+    texts, total = [], 0
     for number, page in enumerate(doc, start=1):
         try:
             texts.append(page.get_text("text").strip())
         except Exception as exc:
             raise ParseError(f"'{name}' is corrupt: page {number} could not be read.") from exc
+        total += len(texts[-1]) + len(PAGE_SEPARATOR)
+        if total > limits.max_chars + len(PAGE_SEPARATOR):
+            raise limits.too_much_text(name, total - len(PAGE_SEPARATOR), complete=number == doc.page_count)
     if not any(texts):
         raise ParseError(
             f"'{name}' has no extractable text: it may be a scanned document "

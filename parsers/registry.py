@@ -48,8 +48,7 @@ def parse(path, limits: ParseLimits | None = None, *, name: str | None = None) -
     except Exception as exc:  # a parser bug or a library surprise: still a clear error
         raise ParseError(f"'{name}' could not be read ({type(exc).__name__}: {exc}).") from exc
     if len(document.text) > limits.max_chars:  # refused here, in the worker: the text never travels back
-        raise ParseError(f"'{name}' holds {len(document.text):,} characters of text; the limit is "
-                         f"{limits.max_chars:,}. Split it, or upload the part you need.")
+        raise limits.too_much_text(name, len(document.text))
     return document
 
 

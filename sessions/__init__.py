@@ -4,7 +4,7 @@ Imports only the standard library and TinyDB (no Gradio, no torch), so
 importing it is instant.
 """
 
-from .context import ContextDocument, ContextResult, assemble_context
+from .context import ContextDocument, ContextResult, DocumentCache, assemble_context
 from .errors import FileNotFound, MessageNotFound, SessionNotFound, StoreError
 from .names import LOCAL_USER
 from .session_context import session_context, session_documents
@@ -12,6 +12,6 @@ from .store import SessionStore
 
 __all__ = [
     "LOCAL_USER", "SessionStore", "SessionNotFound", "FileNotFound", "MessageNotFound",
-    "StoreError", "assemble_context", "ContextDocument", "ContextResult",
+    "StoreError", "assemble_context", "ContextDocument", "ContextResult", "DocumentCache",
     "session_context", "session_documents",
 ]

@@ -27,16 +27,25 @@ def tokenize(text: str) -> list[str]:
     return terms
 
 
+def count_terms(corpus: list[list[str]]) -> list[tuple[Counter, int]]:
+    """(term counts, length) of each document: the part of a BM25 index that is per document."""
+    return [(Counter(doc), len(doc)) for doc in corpus]
+
+
 class BM25:
     """Score a fixed corpus of token lists against queries."""
 
-    def __init__(self, corpus: list[list[str]], k1: float = 1.5, b: float = 0.75):
+    def __init__(self, corpus: list[list[str]], k1: float = 1.5, b: float = 0.75,
+                 counted: list[tuple[Counter, int]] | None = None):
+        """`counted`: the corpus as (term counts, length) per document, already counted (then `corpus`
+        is ignored): what a caller keeps per document between queries."""
         self.k1, self.b = k1, b
-        self.freqs = [Counter(doc) for doc in corpus]
-        self.lengths = [len(doc) for doc in corpus]
-        self.avg_length = (sum(self.lengths) / len(corpus)) if corpus else 0.0
+        counted = counted if counted is not None else count_terms(corpus)
+        self.freqs = [freq for freq, _ in counted]
+        self.lengths = [length for _, length in counted]
+        self.avg_length = (sum(self.lengths) / len(counted)) if counted else 0.0
         df = Counter(term for freq in self.freqs for term in freq)
-        n = len(corpus)
+        n = len(counted)
         # The "+1" form of idf stays positive for terms in most documents.
         self.idf = {t: math.log((n - d + 0.5) / (d + 0.5) + 1.0) for t, d in df.items()}
 

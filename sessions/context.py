@@ -15,10 +15,13 @@ turns are the ones dropped.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .bm25 import BM25, tokenize
+from .bm25 import BM25, count_terms, tokenize
 from .chunking import Chunk, chunk_document, whole_pieces
 
 CHUNK_TOKENS = 200
@@ -43,6 +46,36 @@ class ContextDocument:
     metadata: dict = field(default_factory=dict)
 
 
+class DocumentCache:
+    """What assembling a prompt computes per document and tokenizer, kept between turns: the document's
+    pieces and token cost, its chunks, their BM25 term counts and token costs. Without it every turn
+    would tokenize each whole document again and re-index it.
+
+    Entries are keyed by the caller's tokenizer key, the file id and the text's length (a file's text
+    never changes); the least recently used go once there are `max_entries`.
+    """
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def entry(self, tokenizer_key: str, doc: ContextDocument) -> dict:
+        """The (mutable) cache entry of `doc` for one tokenizer."""
+        key = (tokenizer_key, doc.file_id, len(doc.text))
+        with self._lock:
+            entry = self._entries.pop(key, None) or {}
+            self._entries[key] = entry
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return entry
+
+    def forget(self, file_id: str) -> None:
+        with self._lock:
+            for key in [key for key in self._entries if key[1] == file_id]:
+                del self._entries[key]
+
+
 @dataclass
 class ContextResult:
     """Messages to feed the chat template, and what went in or stayed out."""
@@ -64,13 +97,16 @@ class _Pick:
 def assemble_context(*, system_prompt: str, documents: list[ContextDocument],
                      history: list[dict], question: str, count_tokens: CountTokens,
                      context_limit: int, reply_budget: int, per_message_overhead: int = 8,
-                     doc_share: float = 0.5, chunk_tokens: int = CHUNK_TOKENS) -> ContextResult:
+                     doc_share: float = 0.5, chunk_tokens: int = CHUNK_TOKENS,
+                     cache: DocumentCache | None = None, tokenizer_key: str = "") -> ContextResult:
     """Build ``[system?, *kept history, user question]`` within the token budget.
 
     ``history`` is the conversation before ``question`` (dicts with "role",
     "content" and optionally "id"). Large documents are cut into chunks of
     about ``chunk_tokens``. Raises ValueError if the system prompt and the
-    question alone do not fit ``context_limit - reply_budget``.
+    question alone do not fit ``context_limit - reply_budget``. With ``cache``,
+    what is computed per document is kept there under ``tokenizer_key`` (name
+    the tokenizer that ``count_tokens`` uses) and reused by later turns.
     """
     if not 0.0 <= doc_share <= 1.0:
         raise ValueError("doc_share must be between 0 and 1.")
@@ -82,8 +118,9 @@ def assemble_context(*, system_prompt: str, documents: list[ContextDocument],
     left = budget - fixed
 
     block_cost = count_tokens(DOCS_HEADER) + (0 if system_prompt else per_message_overhead)
+    entries = [cache.entry(tokenizer_key, doc) if cache else {} for doc in documents]
     picks, chunk_totals = _pick_documents(documents, question, count_tokens,
-                                          int(left * doc_share) - block_cost, chunk_tokens)
+                                          int(left * doc_share) - block_cost, chunk_tokens, entries)
     docs_cost = block_cost + sum(p.cost for p in picks) if any(p.pieces for p in picks) else 0
     turns = _group_turns(history)
     kept_from = _oldest_turn_that_fits(turns, cost, left - docs_cost)
@@ -122,18 +159,22 @@ def _too_long(question: str, system_prompt: str, count_tokens: CountTokens,
 
 
 def _pick_documents(documents: list[ContextDocument], question: str, count_tokens: CountTokens,
-                    budget: int, chunk_tokens: int) -> tuple[list[_Pick], dict[int, int]]:
+                    budget: int, chunk_tokens: int, entries: list[dict]) -> tuple[list[_Pick], dict[int, int]]:
     """Choose whole documents (smallest first) then the best chunks of the rest.
 
     Returns the picks in priority order and, per chunked document, its number
-    of chunks.
+    of chunks. ``entries`` (one dict per document) keep what is computed per
+    document for the next call.
     """
     sep = count_tokens("\n\n")
     picks: list[_Pick] = []
     whole: list[tuple[int, int, list[str]]] = []
     for i, doc in enumerate(documents):
-        pieces = whole_pieces(doc.name, doc.text, doc.metadata or {})
-        whole.append((sum(count_tokens(p) + sep for p in pieces), i, pieces))
+        entry = entries[i]
+        if "pieces" not in entry:
+            entry["pieces"] = whole_pieces(doc.name, doc.text, doc.metadata or {})
+            entry["cost"] = sum(count_tokens(p) for p in entry["pieces"])
+        whole.append((entry["cost"] + sep * len(entry["pieces"]), i, entry["pieces"]))
     large = []
     for doc_cost, i, pieces in sorted(whole):
         if doc_cost <= budget:
@@ -143,17 +184,30 @@ def _pick_documents(documents: list[ContextDocument], question: str, count_token
             large.append((i, doc_cost))
 
     chunks: list[Chunk] = []
+    counted, costs = [], []
     for i, doc_cost in sorted(large):
-        doc = documents[i]
+        doc, entry = documents[i], entries[i]
         chars_per_token = len(doc.text) / max(1, doc_cost)
         max_chars = max(MIN_CHUNK_CHARS, int(chunk_tokens * chars_per_token))
-        chunks += chunk_document(i, doc.name, doc.text, doc.metadata or {}, max_chars)
+        if entry.get("chunk_chars") != max_chars:
+            entry["chunk_chars"] = max_chars
+            entry["chunks"] = chunk_document(i, doc.name, doc.text, doc.metadata or {}, max_chars)
+            entry["terms"] = count_terms([tokenize(c.body) for c in entry["chunks"]])
+            entry["chunk_costs"] = [None] * len(entry["chunks"])
+        if entry["chunks"] and entry["chunks"][0].doc_index != i:  # kept from a turn where it had another place
+            entry["chunks"] = [dataclasses.replace(chunk, doc_index=i) for chunk in entry["chunks"]]
+        chunks += entry["chunks"]
+        counted += entry["terms"]
+        costs += [(entry["chunk_costs"], index) for index in range(len(entry["chunks"]))]
     chunk_totals = {i: sum(1 for c in chunks if c.doc_index == i) for i, _ in large}
     if chunks:
-        scores = BM25([tokenize(c.body) for c in chunks]).scores(tokenize(question))
+        scores = BM25([], counted=counted).scores(tokenize(question))
         # Best score first; ties (e.g. no shared terms) in document order.
-        for _, chunk in sorted(zip(scores, chunks), key=lambda sc: (-sc[0], sc[1].doc_index, sc[1].index)):
-            chunk_cost = count_tokens(chunk.text) + sep
+        ranked = sorted(zip(scores, chunks, costs), key=lambda sc: (-sc[0], sc[1].doc_index, sc[1].index))
+        for _, chunk, (doc_costs, index) in ranked:
+            if doc_costs[index] is None:
+                doc_costs[index] = count_tokens(chunk.text)
+            chunk_cost = doc_costs[index] + sep
             if chunk_cost <= budget:
                 picks.append(_Pick(chunk.doc_index, chunk.index, [chunk.text], chunk_cost))
                 budget -= chunk_cost

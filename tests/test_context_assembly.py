@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sessions import LOCAL_USER, ContextDocument, SessionStore, assemble_context
+from sessions import LOCAL_USER, ContextDocument, DocumentCache, SessionStore, assemble_context
 from sessions.bm25 import BM25, tokenize
 from sessions.chunking import chunk_document, fence
 from sessions.context import DOCS_HEADER
@@ -132,6 +132,45 @@ def test_huge_document_is_chunked_and_best_chunk_retrieved():
     assert result.report["files_included"] == [] and result.report["files_left_out"] == []
     docs_tokens = words(system)
     assert docs_tokens <= 0.5 * (4096 - 512 - 8 - words("What does frobnicate_widget do?") - 8)
+
+
+def test_a_document_is_tokenized_and_indexed_once_not_every_turn():
+    """With a cache, the next turn tokenizes only what is new (the question, the chosen chunks), not the
+    whole document again, and assembles exactly the same prompt as without one."""
+    text = numbered_code(5000, needle_line=3210)
+    docs = [ContextDocument("f1", "big.py", text, {"language": "python"}),
+            ContextDocument("f2", "small.txt", "A short note about widgets.")]
+    tokenized: list[int] = []
+
+    def counting(piece: str) -> int:
+        tokenized.append(len(piece))
+        return words(piece)
+
+    cache = DocumentCache()
+    uncached = build(documents=docs, question="What does frobnicate_widget do?", context_limit=4096,
+                     reply_budget=512)
+    for question in ("What does frobnicate_widget do?", "And what does line 42 hold?"):
+        tokenized.clear()
+        cached = build(documents=docs, question=question, context_limit=4096, reply_budget=512,
+                       count_tokens=counting, cache=cache, tokenizer_key="model-a")
+        first_turn = question.startswith("What")
+        if first_turn:
+            assert cached == uncached
+            assert sum(tokenized) > len(text)  # the first turn reads the whole document
+    assert sum(tokenized) < len(text) / 4  # a later turn does not
+    tokenized.clear()
+    build(documents=docs[::-1], question="What does frobnicate_widget do?", context_limit=4096, reply_budget=512,
+          count_tokens=counting, cache=cache, tokenizer_key="model-a")  # another order: the same entries
+    assert sum(tokenized) < len(text) / 4
+    tokenized.clear()
+    build(documents=docs, question="What does frobnicate_widget do?", context_limit=4096, reply_budget=512,
+          count_tokens=counting, cache=cache, tokenizer_key="model-b")  # another tokenizer counts anew
+    assert sum(tokenized) > len(text)
+    cache.forget("f1")
+    tokenized.clear()
+    build(documents=docs, question="x", context_limit=4096, reply_budget=512, count_tokens=counting,
+          cache=cache, tokenizer_key="model-a")
+    assert sum(tokenized) > len(text)
 
 
 def test_pdf_chunks_are_labelled_with_pages():

@@ -21,7 +21,8 @@ from sessions import LOCAL_USER
 MODEL = "tiny-llama"
 MAX_PROMPT = 5_000
 UPLOAD_LIMIT = 64 * 1024
-BODY_LIMIT = UPLOAD_LIMIT + 2**20
+UPLOAD_BODY_LIMIT = UPLOAD_LIMIT + 2**20  # the upload route: the largest file and its multipart framing
+REQUEST_LIMIT = 4 * 2**20  # every other route: a few MiB (AppConfig.max_body_bytes for MAX_PROMPT)
 ACCEPTABLE = {200, 400, 404, 405, 413, 429, 503}
 TRACEBACK = re.compile(r'Traceback|File "|line \d+, in |\w+Error\(')
 
@@ -97,7 +98,7 @@ def test_hypothesis_bodies_get_a_clean_answer(http, body):
                  "max_tokens": 2}).encode(), 200),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(),
      400),
-    (b"x" * (BODY_LIMIT + 1), 413),
+    (b"x" * (REQUEST_LIMIT + 1), 413),
 ])
 def test_malformed_bodies(http, content, status):
     response = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
@@ -107,7 +108,7 @@ def test_malformed_bodies(http, content, status):
 
 def test_a_chunked_body_over_the_limit_is_cut_off(http):
     def chunks():
-        for _ in range(BODY_LIMIT // 65536 + 2):
+        for _ in range(REQUEST_LIMIT // 65536 + 2):
             yield b" " * 65536
 
     response = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
@@ -115,10 +116,15 @@ def test_a_chunked_body_over_the_limit_is_cut_off(http):
     assert_still_serving(http)
 
 
-@pytest.mark.parametrize("path", ["/gradio_api/call/history", "/gradio_api/queue/join", "/gradio_api/upload"])
-def test_every_route_refuses_a_body_over_the_limit(http, path):
-    response = http.post(path, content=b"x" * (BODY_LIMIT + 1), headers={"content-type": "application/json"})
+@pytest.mark.parametrize("path, limit", [("/gradio_api/call/history", REQUEST_LIMIT),
+                                         ("/gradio_api/queue/join", REQUEST_LIMIT),
+                                         ("/v1/chat/completions", REQUEST_LIMIT),
+                                         ("/gradio_api/upload", UPLOAD_BODY_LIMIT)])
+def test_every_route_refuses_a_body_over_the_limit(app, http, path, limit):
+    assert (app.config.max_body_bytes, app.config.max_upload_body_bytes) == (REQUEST_LIMIT, UPLOAD_BODY_LIMIT)
+    response = http.post(path, content=b"x" * (limit + 1), headers={"content-type": "application/json"})
     assert response.status_code == 413
+    assert f"{limit:,} bytes" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("session_id", ["0" * 32, "../../etc/passwd", "x" * 5000, "%00", "é", "-"])

@@ -277,7 +277,7 @@ def test_disconnect_is_noticed_between_fast_tokens(app, monkeypatch, stream):
     """A fast engine (a token every 5 ms, as a real model on a GPU gives) still stops when the client leaves."""
     produced, ended = [], []
 
-    def fast_engine(model_id, messages, params, cancel=None):
+    def fast_engine(model_id, messages, params, cancel=None, admission=None):
         try:
             for count in range(1, 2001):
                 if cancel.is_set():

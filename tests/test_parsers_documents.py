@@ -174,3 +174,36 @@ def test_docx_member_lying_about_its_size(tmp_path):
     forge_declared_size(path, "word/document.xml", 100)
     with pytest.raises(ParseError, match="is corrupt: its part 'word/document.xml' is damaged"):
         parsers.parse(path)
+
+
+# --- documents that expand far past their size (issue 14) -------------------
+
+def test_docx_whose_text_expands_past_the_character_limit_is_refused_before_extraction(tmp_path):
+    """Like the 1.27 MB .docx that became 177 M characters: under the 200:1 ratio and the expansion cap,
+    but its text parts hold far more XML than a document within the text limit needs."""
+    import random
+
+    words = random.Random(14).choices(["apple", "river", "stone", "cloud", "ember", "quartz"], k=400_000)
+    path = make_docx(tmp_path / "wordy.docx", [" ".join(words[i:i + 200]) for i in range(0, len(words), 200)])
+    with zipfile.ZipFile(path) as archive:
+        xml = archive.getinfo("word/document.xml").file_size
+    assert 16 * 100_000 < xml < 200 * path.stat().st_size  # passes the ratio check, not the text check
+    with pytest.raises(ParseError, match=r"its text expands to .* of XML.*100,000-character limit"):
+        parsers.parse(path, ParseLimits(max_chars=100_000))
+    assert len(parsers.parse(path).text) > 2_000_000  # within the default limits it is an ordinary document
+
+
+def test_pdf_whose_text_passes_the_character_limit_is_refused_without_reading_every_page(tmp_path):
+    """Like the 307 KB PDF of 2,000 pages giving 200 M characters: refused once the pages read so far
+    pass the limit, not after all of them."""
+    path = make_pdf(tmp_path / "many.pdf", [f"Page {i}: " + "lorem ipsum dolor " * 100 for i in range(200)])
+    with pytest.raises(ParseError, match=r"holds more than [\d,]+ characters of text; the limit is 10,000"):
+        parsers.parse(path, ParseLimits(max_chars=10_000))
+
+
+def test_docx_expansion_cap_follows_the_upload_limit():
+    mib = 2**20
+    assert ParseLimits.for_uploads(64 * 1024).max_docx_uncompressed == 16 * mib
+    assert ParseLimits.for_uploads(5 * mib).max_docx_uncompressed == 100 * mib
+    assert ParseLimits.for_uploads(50 * mib).max_docx_uncompressed == 200 * mib
+    assert ParseLimits.for_uploads(5 * mib, timeout_s=9).timeout_s == 9

@@ -162,7 +162,7 @@ def test_a_parse_worker_that_crashes_or_hangs_fails_only_its_file(app, client, t
 def test_a_generation_that_fails_part_way_keeps_the_turn_whole(app, client, monkeypatch):
     real = app.service.engine.stream_chat
 
-    def breaking(model, messages, params, cancel, session_id=None):
+    def breaking(model, messages, params, cancel, session_id=None, admission=None):
         yield Chunk(text="partial ", completion_tokens=1, prompt_tokens=3)
         raise RuntimeError("the device fell over")
 
@@ -184,7 +184,7 @@ def test_a_busy_answer_leaves_the_history_as_it_was(app, client):
     other = new_session(client)
     chat(client, other, "Keep this turn")
     before = client.predict(other, api_name="/history")
-    with app.service.engine.gate:  # the one generation slot is taken (as by a long reply elsewhere)
+    with app.service.engine.gate.admit():  # the one generation slot is taken (as by a long reply elsewhere)
         for attempt in (lambda: chat(client, other, "Refused?"),
                         lambda: list(app.service.chat(LOCAL_USER, other, "", settings=GREEDY, regenerate=True))):
             with pytest.raises(Exception) as caught:

@@ -9,6 +9,7 @@ uploads at once, the /v1 routes of an app with --auth, and the shape of session 
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import uuid
 from pathlib import Path
@@ -98,6 +99,60 @@ def bobs(app, bob):
 
 
 # ----- logins ---------------------------------------------------------------------------------------------------
+def test_only_the_upload_route_takes_bodies_over_a_few_mib():
+    """With the default --max-upload (50 MB), a 51 MB JSON body used to pass (the one limit was the upload
+    limit + 1 MiB on every route); now every route but the upload route stops at a few MiB."""
+    import asyncio
+
+    from inference.config import AppConfig
+    from inference.http_limits import BodySizeLimit
+
+    config = AppConfig(max_upload_bytes=50 * 10**6)
+    assert config.max_body_bytes == 4 * 2**20 < 51 * 10**6 < config.max_upload_body_bytes
+
+    async def echo_length(scope, receive, send):  # the app behind the limit: reads the whole body
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size, more = size + len(message.get("body", b"")), message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    limited = BodySizeLimit(echo_length, max_bytes=100, larger={"/gradio_api/upload": 1000})
+
+    async def post(path: str, size: int) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=limited), base_url="http://app") as client:
+            return await client.post(path, content=b"x" * size)
+
+    assert asyncio.run(post("/gradio_api/queue/join", 101)).status_code == 413
+    assert asyncio.run(post("/gradio_api/upload", 500)).text == "500"
+    assert asyncio.run(post("/gradio_api/upload", 1001)).status_code == 413
+
+
+def declare_body(app, path: str, length: int) -> bytes:
+    """Send only the headers of a POST that declares a `length`-byte body; the server's first answer."""
+    with socket.create_connection(("127.0.0.1", app.config.port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {length}\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("path", ["/gradio_api/queue/join", "/gradio_api/call/chat", "/v1/chat/completions",
+                                  "/gradio_api/upload"])
+def test_a_huge_body_is_refused_before_it_is_read_or_a_login_is_checked(app, path):
+    """51 MB declared by someone who has not logged in: 413 at once, without a byte of the body sent (it used
+    to be read whole, then refused with 401). Only the upload route takes more than a few MiB."""
+    answer = declare_body(app, path, 51_000_000)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"larger than" in answer
+    small = app.config.max_body_bytes
+    assert declare_body(app, "/gradio_api/queue/join", small + 1).startswith(b"HTTP/1.1 413")
+    assert httpx.get(f"{app.url}/health", timeout=10).status_code == 200
+
+
 @pytest.mark.parametrize("method, path", [
     ("POST", "/gradio_api/call/list_sessions"), ("POST", "/gradio_api/call/history"),
     ("POST", "/gradio_api/upload"), ("GET", "/gradio_api/file=/etc/hostname"), ("GET", "/gradio_api/info"),
