@@ -50,6 +50,8 @@ class Q8Kernels:
         self._lib.q8_matmul.restype = None
         self._lib.q4_matmul.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, ctypes.c_int]
         self._lib.q4_matmul.restype = None
+        self._lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
+        self._lib.rms_norm.restype = None
         if self._lib.q8_block() != BLOCK:
             raise RuntimeError("the built kernel's block size differs from this module's")
 
@@ -79,6 +81,15 @@ class Q8Kernels:
         y = torch.empty(m, n, dtype=torch.float32)
         self._lib.q4_matmul(x.data_ptr(), m, k, nibbles.data_ptr(), scales_zeros.data_ptr(), n, xq.data_ptr(),
                             xscale.data_ptr(), xsum.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x / rms(x) * weight over the last dimension; x float32, weight float32 [dim]."""
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        dim = x.shape[-1]
+        self._lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
         return y
 
 
@@ -166,5 +177,8 @@ def _self_check(kernels: Q8Kernels) -> None:
     expected4 = x @ dense4.reshape(40, -1).t()
     nibbles = torch.from_numpy(pack_nibbles(q4.numpy()))
     error4 = (kernels.matmul4(x, nibbles, scales_zeros) - expected4).norm() / expected4.norm()
-    if not max(error, error4) < 0.02:
+    weight = torch.rand(4 * BLOCK, generator=generator)
+    normed = kernels.rms_norm(x, weight, 1e-6)
+    if not max(error, error4) < 0.02 or not torch.allclose(normed, torch.nn.functional.rms_norm(
+            x, (x.shape[-1],), weight, 1e-6), rtol=1e-4, atol=1e-5):
         raise RuntimeError(f"self-check failed (relative errors {float(error):.3g}, {float(error4):.3g})")

@@ -207,16 +207,20 @@ class Int8Embedding(nn.Module):
 class FusedRMSNorm(nn.Module):
     """x / rms(x) * weight in one op, computed in float32 (as the models' own norms do).
 
-    `weight` is the effective scale: Gemma's `1 + w` is folded in once here.
+    `weight` is the effective scale: Gemma's `1 + w` is folded in once here. `native`: the AVX2
+    library's one-thread loop (models/native_kernels.py) for float32 inputs; on the small inputs of a
+    decode step, torch's op costs far more in overhead than in arithmetic.
     """
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, native=None):
         super().__init__()
         self.register_buffer("weight", weight.float().contiguous())
-        self.eps, self.shape = eps, (weight.shape[-1],)
+        self.eps, self.shape, self.native = eps, (weight.shape[-1],), native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
+            if self.native is not None:
+                return self.native.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.shape, self.weight, self.eps).to(x.dtype)
 
@@ -234,8 +238,8 @@ def _rms_norm_kinds() -> dict[type, tuple[str, float]]:
             Qwen2RMSNorm: ("variance_epsilon", 0.0)}
 
 
-def fuse_norms(model: nn.Module) -> int:
-    """Swap the model's RMS norms for `FusedRMSNorm`; return how many."""
+def fuse_norms(model: nn.Module, native=None) -> int:
+    """Swap the model's RMS norms for `FusedRMSNorm` (on `native`'s loop where given); return how many."""
     kinds, count = _rms_norm_kinds(), 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -243,7 +247,7 @@ def fuse_norms(model: nn.Module) -> int:
             if kind is not None:
                 eps_attribute, offset = kind
                 weight = child.weight.detach().float() + offset
-                setattr(module, name, FusedRMSNorm(weight, float(getattr(child, eps_attribute))))
+                setattr(module, name, FusedRMSNorm(weight, float(getattr(child, eps_attribute)), native))
                 count += 1
     return count
 
@@ -294,7 +298,7 @@ def install_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     left = [name for name, buffer in model.named_buffers() if buffer is not None and buffer.is_meta]
     if left:
         raise ValueError(f"the quantized checkpoint left {left[0]} unset")
-    fuse_norms(model)
+    fuse_norms(model, native)
 
 
 def _use_shortlist(model: nn.Module, tensors: dict) -> None:

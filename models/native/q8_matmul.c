@@ -110,3 +110,17 @@ void q4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, const uin
       y[i * n + r] = dot_row4(wr, szr, xq + i * k, xscale + i * blocks, xsum + i * blocks, blocks);
   }
 }
+
+/* y = x / sqrt(mean(x^2) + eps) * weight, row by row (x, y: [rows, dim] float32; weight: [dim]).
+ * One thread: a decode step's norms are ~100 rows of a few hundred values, where waking a second
+ * thread costs more than the arithmetic. */
+void rms_norm(const float *x, const float *weight, float *y, int64_t rows, int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * dim;
+    float *yr = y + r * dim;
+    double total = 0.0;
+    for (int64_t i = 0; i < dim; i++) total += (double)xr[i] * xr[i];
+    float inverse = (float)(1.0 / sqrt(total / dim + eps));
+    for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * inverse * weight[i];
+  }
+}
