@@ -7,7 +7,6 @@ done by inference.service.ChatService.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import tempfile
@@ -26,7 +25,6 @@ from inference.service import ChatService, ServiceError
 from models.catalog import BASE_MODEL_NOTE
 from models.manager import format_bytes
 from sessions import LOCAL_USER
-from sessions.export import export_json, export_markdown, import_json
 
 log = logging.getLogger("app")
 
@@ -497,7 +495,7 @@ def show_session(service: ChatService, owner: str, session_id: str) -> tuple:
     session = service.get_session(owner, session_id)
     model_id = session.get("model_id") or config.default_model
     try:
-        note = model_note(service.manager.record(model_id))
+        note = model_note(service.model_record(model_id))
     except _EXPECTED:
         note = ""
     return (session_id, session_id, gr.update(choices=session_choices(service, owner), value=session_id),
@@ -579,7 +577,7 @@ def stream_reply(service: ChatService, owner, session_id, text, model_id, histor
             yield history, "generating…", gr.update(), gr.update()
     note = describe_reply(final.stats, final.report) if final else ""
     yield (history, note, gr.update(choices=session_choices(service, owner), value=session_id),
-           model_note(service.manager.record(model_id or service.get_session(owner, session_id)["model_id"])))
+           model_note(service.model_record(model_id or service.get_session(owner, session_id)["model_id"])))
 
 
 def _wire_chat(ui, service: ChatService) -> None:
@@ -709,7 +707,7 @@ def _wire_models(ui, service: ChatService) -> None:
 
     @friendly
     def on_pin(model_id):
-        record = service.manager.record(required(model_id))
+        record = service.model_record(required(model_id))
         service.pin_model(model_id, not record["pinned"])
         return refresh_models()
 
@@ -743,13 +741,8 @@ def _wire_export(ui, service: ChatService) -> None:
     def export(session_id, kind, request: gr.Request):
         owner = owner_of(request)
         folder = Path(tempfile.mkdtemp(prefix="export-"))
-        if kind == "md":
-            path = folder / "chat.md"
-            path.write_text(export_markdown(service.store, owner, session_id), encoding="utf-8")
-        else:
-            path = folder / "chat.json"
-            path.write_text(json.dumps(export_json(service.store, owner, session_id), indent=2,
-                                       ensure_ascii=False), encoding="utf-8")
+        path = folder / ("chat.md" if kind == "md" else "chat.json")
+        path.write_text(service.export_session(owner, session_id, kind), encoding="utf-8")
         return str(path)
 
     def on_export_md(session_id, request: gr.Request):
@@ -765,7 +758,7 @@ def _wire_export(ui, service: ChatService) -> None:
     def on_import(upload, request: gr.Request):
         owner = owner_of(request)
         path = upload if isinstance(upload, str) else upload.name
-        record = import_json(service.store, owner, Path(path).read_bytes())
+        record = service.import_session(owner, Path(path).read_bytes())
         return show_session(service, owner, record["id"])
 
     ui.import_btn.upload(on_import, [ui.import_btn], _session_view(ui), **PRIVATE)

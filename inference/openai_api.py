@@ -91,7 +91,7 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             include_usage = _include_usage(body)
             session_id = request.headers.get("x-session-id")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
-            owner = (service.store.owner_of(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
+            owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             chunks = _open_stream(service, model_id, messages, params, session_id, owner)
             cancel = chunks.cancel
             first = await asyncio.to_thread(chunks.first)  # load errors surface here, as HTTP errors

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import shutil
 import threading
@@ -21,6 +22,7 @@ from models.manager import ModelError, ModelManager, format_bytes
 from parsers import ParseError, ParseLimits, is_supported, supported_types
 from parsers.pool import ParsePool
 from sessions import SessionStore, assemble_context, session_documents
+from sessions.export import export_json, export_markdown, import_json
 
 from .config import AppConfig, default_memory_budget
 from .engine import Busy, Engine
@@ -106,6 +108,10 @@ class ChatService:
     def pin_model(self, model_id: str, pinned: bool) -> dict:
         return self.manager.pin(_required(model_id, "model_id"), pinned)
 
+    def model_record(self, model_id: str) -> dict:
+        """One model's record (state, size, context length); an unknown id raises ModelError."""
+        return self.manager.record(_required(model_id, "model_id"))
+
     def memory_status(self) -> dict:
         return {"used_bytes": self.manager.memory_used(), "budget_bytes": self.manager.memory_budget}
 
@@ -144,6 +150,10 @@ class ChatService:
     def get_session(self, owner: str, session_id: str) -> dict:
         return self.store.get(owner, _required(session_id, "session_id"))
 
+    def session_owner(self, session_id: str) -> str | None:
+        """Who owns a session, or None for an unknown id (the /v1 router binds a session by id alone)."""
+        return self.store.owner_of(session_id)
+
     def rename_session(self, owner: str, session_id: str, title: str) -> dict:
         return self.store.rename(owner, _required(session_id, "session_id"), title)
 
@@ -169,6 +179,17 @@ class ChatService:
 
     def clear_history(self, owner: str, session_id: str) -> None:
         self.store.clear_messages(owner, session_id)
+
+    def export_session(self, owner: str, session_id: str, kind: str) -> str:
+        """The session as text: Markdown (`kind` "md") or the JSON export that `import_session` reads back."""
+        session_id = _required(session_id, "session_id")
+        if kind == "md":
+            return export_markdown(self.store, owner, session_id)
+        return json.dumps(export_json(self.store, owner, session_id), indent=2, ensure_ascii=False)
+
+    def import_session(self, owner: str, data: str | bytes) -> dict:
+        """A new session from a JSON export; raises StoreError (a ValueError) if `data` is not one."""
+        return import_json(self.store, owner, data)
 
     # ----- chat --------------------------------------------------------------------------------
     def chat(self, owner: str, session_id: str, message: str, model_id: str = "",
