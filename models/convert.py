@@ -26,17 +26,16 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .gguf_file import GGML_TYPES, GGUFError, GGUFHeader, TensorInfo
 from .merges import sentencepiece_merges
+from .progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
 
 # transformers builds a model under process-wide patches (torch's default dtype, a no-op
 # `PreTrainedModel.tie_weights`) that it saves and restores without a lock: two builds at once

@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -26,12 +25,12 @@ from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
 from .decode_step import make_decode_step
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .gguf_file import GGUFHeader, read_header
+from .progress import ProgressFn
 from .quant_checkpoint import load_quantized_model
 from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
 DEFAULT_MAX_CONTEXT = 8192  # cap on the context we serve, to bound KV-cache memory on small machines
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WEIGHTS = ("auto", "quantized", "dense")

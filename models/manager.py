@@ -19,16 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from units import format_bytes
+
 from .catalog import Catalog, ModelSpec, check_file
 from .download import DownloadError, ensure_local
 from .gguf_file import GGUFError, read_header
 from .loader import (LoadedModel, LoadError, LoadOptions, bytes_per_param, load_model, pick_device, pick_dtype,
                      pick_weights)
+from .progress import ProgressFn
 from .templates import UnknownArchitecture
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
 STATES = ("unloaded", "loading", "loaded", "error")
 
 
@@ -57,14 +59,6 @@ class _Entry:
     reserved: int = 0  # bytes counted against the budget (estimate while loading, then measured)
     progress: tuple[float, str] = (0.0, "")
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def format_bytes(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def release_memory() -> None:

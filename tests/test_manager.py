@@ -15,7 +15,8 @@ from inference.generate import stream_generate
 from inference.params import GenerationParams
 from models.catalog import DEFAULT_MODEL_ID, HUB_MODELS, Catalog
 from models.loader import LoadedModel, LoadOptions, load_model
-from models.manager import ModelError, ModelManager, ModelTooLarge, UnknownModel, format_bytes
+from models.manager import ModelError, ModelManager, ModelTooLarge, UnknownModel
+from units import format_bytes
 
 F32 = LoadOptions(dtype="float32")
 RECORD_FIELDS = {"id", "name", "state", "architecture", "quantization", "file_size_bytes", "memory_bytes",
