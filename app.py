@@ -6,7 +6,9 @@ done by inference.service.ChatService.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
 import os
 import tempfile
@@ -23,8 +25,8 @@ from inference.config import AppConfig, config_from_args, exposure_warning, log_
 from inference.http_limits import BodySizeLimit
 from inference.service import ChatService, ServiceError
 from models.catalog import BASE_MODEL_NOTE
-from models.manager import format_bytes
 from sessions import LOCAL_USER
+from units import format_bytes
 
 log = logging.getLogger("app")
 
@@ -73,34 +75,35 @@ _EXPECTED = (ServiceError, ValueError, KeyError, RuntimeError, OSError)
 
 
 def friendly(fn):
-    """Turn expected failures into gr.Error with a readable message; log the unexpected."""
+    """Turn expected failures into gr.Error with a readable message; log the unexpected.
+
+    Works on plain handlers and on generator handlers (streams) alike.
+    """
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream_wrapper(*args, **kwargs):
+            with _friendly_errors(fn):
+                yield from fn(*args, **kwargs)
+        return stream_wrapper
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with _friendly_errors(fn):
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except _EXPECTED as error:
-            raise gr.Error(_message(error), print_exception=False) from None
-        except Exception as error:  # pragma: no cover - a bug; keep the page alive
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Internal error ({type(error).__name__}); see the server log.") from None
     return wrapper
 
 
-def friendly_stream(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            yield from fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except _EXPECTED as error:
-            raise gr.Error(_message(error), print_exception=False) from None
-        except Exception as error:  # pragma: no cover
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Internal error ({type(error).__name__}); see the server log.") from None
-    return wrapper
+@contextlib.contextmanager
+def _friendly_errors(fn):
+    try:
+        yield
+    except gr.Error:
+        raise
+    except _EXPECTED as error:
+        raise gr.Error(_message(error), print_exception=False) from None
+    except Exception as error:  # pragma: no cover - a bug; keep the page alive
+        log.exception("unexpected error in %s", fn.__name__)
+        raise gr.Error(f"Internal error ({type(error).__name__}); see the server log.") from None
 
 
 def owner_of(request: gr.Request | None) -> str:
@@ -143,7 +146,7 @@ def register_api(service: ChatService) -> None:
     def history(session_id: str, request: gr.Request) -> list[dict]:
         return service.history(owner_of(request), session_id)
 
-    @friendly_stream
+    @friendly
     def chat(session_id: str, message: str, model_id: str, settings: str, request: gr.Request) -> Iterator[str]:
         last = ""
         updates = service.chat(owner_of(request), session_id, message, model_id or "", settings or "")
@@ -328,8 +331,8 @@ def _state_note(record: dict) -> str:
 def shorten(text: str, limit: int = 160) -> str:
     """A message short enough for a toast: its first clause, or its first `limit` characters.
 
-    ("x.exe: unsupported file type; supported: <a hundred extensions>" keeps the part before ";";
-    the uploader's hint says which types work.)
+    (An unsupported-type message, which lists the common types, is cut at a word; the uploader's hint
+    says which types work.)
     """
     if len(text) <= limit:
         return text
@@ -583,13 +586,13 @@ def stream_reply(service: ChatService, owner, session_id, text, model_id, histor
 def _wire_chat(ui, service: ChatService) -> None:
     config = service.config
 
-    @friendly_stream
+    @friendly
     def on_send(session_id, text, model_id, history, request: gr.Request):
         if not (text or "").strip():
             return
         yield from stream_reply(service, owner_of(request), session_id, text, model_id, history)
 
-    @friendly_stream
+    @friendly
     def on_regenerate(session_id, model_id, history, request: gr.Request):
         yield from stream_reply(service, owner_of(request), session_id, "", model_id, history, regenerate=True)
 

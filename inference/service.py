@@ -18,11 +18,12 @@ from typing import Iterator
 
 from models.catalog import Catalog, assemble_default_model, parse_remote_option
 from models.loader import LoadOptions, import_model_code
-from models.manager import ModelError, ModelManager, format_bytes
-from parsers import ParseError, ParseLimits, is_supported, supported_types
+from models.manager import ModelError, ModelManager
+from parsers import ParseError, ParseLimits, describe_supported, is_supported
 from parsers.pool import ParsePool
 from sessions import SessionStore, assemble_context, session_documents
 from sessions.export import export_json, export_markdown, import_json
+from units import format_bytes
 
 from .config import AppConfig, default_memory_budget
 from .engine import Busy, Engine
@@ -401,14 +402,6 @@ class ChatService:
             raise ServiceError("model is required")
         with self.manager.use(model_id) as lm:
             yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event())
-
-
-def describe_supported(shown: int = 16) -> str:
-    """A short list of the file types we read, for error messages."""
-    types = supported_types()
-    common = [t for t in (".pdf", ".docx", ".txt", ".md", ".csv", ".json", ".py", ".js", ".ts", ".java", ".c",
-                          ".cpp", ".rs", ".go", ".html", "Dockerfile") if t in types][:shown]
-    return f"Supported: {', '.join(common)} and {len(types) - len(common)} more text and code types."
 
 
 def _required(value, name: str) -> str:
