@@ -31,7 +31,6 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[list[int], list, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     @property
     def bytes(self) -> int:
@@ -43,7 +42,6 @@ class PrefixCache:
         with self._lock:
             entry = self._entries.pop(key, None)
         if entry is None:
-            self.misses += 1
             return 0, None
         ids, layers, _ = entry
         limit = min(len(ids), len(prompt_ids) - 1)
@@ -51,9 +49,7 @@ class PrefixCache:
         while common < limit and ids[common] == prompt_ids[common]:
             common += 1
         if common == 0:
-            self.misses += 1
             return 0, None
-        self.hits += 1
         return common, [(k[:, :, :common], v[:, :, :common]) for k, v in layers]
 
     def put(self, key: str, ids: list[int], layers: list) -> None:

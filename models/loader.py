@@ -70,7 +70,6 @@ class LoadedModel:
     architecture: str
     stop_token_ids: frozenset[int]
     memory_bytes: int
-    load_seconds: float = 0.0
     weights: str = "dense"  # "quantized" | "dense": how the weights are held
     kernels: str = "torch"  # "native" | "torch": what multiplies the int8 weights of decode steps
     runtime: dict = field(default_factory=dict)  # engine state that lives and dies with these weights
@@ -301,7 +300,6 @@ def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype,
 def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOptions(),
                progress: ProgressFn | None = None, header: GGUFHeader | None = None) -> LoadedModel:
     """Load `gguf_path`, converting it first if no cached checkpoint exists. Raises `LoadError`."""
-    started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     if options.quantization not in QUANTIZATIONS:
         raise LoadError(f"unknown quantization {options.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
@@ -332,7 +330,7 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         model=model, tokenizer=tokenizer, chat_format=chat_format, context_length=context,
         device=device, dtype=dtype, architecture=header.architecture,
         stop_token_ids=stop_ids(tokenizer, chat_format), memory_bytes=memory,
-        load_seconds=time.perf_counter() - started, weights=weights,
+        weights=weights,
         kernels="torch" if native is None else "native",
         decode_step=make_decode_step(model) if weights == "quantized" else None,
     )

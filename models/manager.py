@@ -1,7 +1,7 @@
 """The model manager: one object that owns every loaded model.
 
 - `use(model_id)` hands out a model for one generation, loading it on demand; while in use a
-  model is never evicted, and an unload or hot-swap lets it finish on the weights it started with.
+  model is never evicted, and an unload lets it finish on the weights it started with.
 - A memory budget in bytes, checked against the dequantized size estimated from the GGUF tensor
   shapes *before* loading; least recently used, unpinned, idle models are evicted to make room.
 - Idle unload, pinning, and per-model states `unloaded | loading | loaded | error`.
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import threading
@@ -23,7 +22,7 @@ from units import format_bytes
 
 from .catalog import Catalog, ModelSpec, check_file
 from .download import DownloadError, ensure_local
-from .gguf_file import GGUFError, read_header
+from .gguf_file import GGUFError
 from .loader import (LoadedModel, LoadError, LoadOptions, bytes_per_param, load_model, pick_device, pick_dtype,
                      pick_weights)
 from .progress import ProgressFn
@@ -310,37 +309,6 @@ class ModelManager:
             entry.reserved = needed
         if victims:
             release_memory()
-
-    # ----- hot swap ------------------------------------------------------------------------
-    def swap(self, model_id: str, gguf_path: Path, progress: ProgressFn | None = None) -> dict:
-        """Serve `model_id` from another file. Running generations finish on the old weights."""
-        entry = self._entry(model_id)
-        if entry.spec.remote:
-            raise ModelError(f"{model_id} is a remote engine; there are no weights to swap")
-        gguf_path = Path(gguf_path)
-        with self._lock:
-            current = entry.reserved
-        try:
-            header = read_header(gguf_path)
-            # Both sets of weights live at once until running generations finish on the old ones.
-            self._make_room(entry, current + self._estimate_header(header))
-            loaded = self._loader(gguf_path, self.cache_root, self.options, progress=progress, header=header)
-        except Exception as error:
-            with self._lock:
-                entry.reserved = current
-            if isinstance(error, ModelError):
-                raise
-            raise ModelError(_describe_failure(entry.spec, error)) from error
-        with self._lock:
-            # another file by choice: what the catalog expected of the old one no longer applies
-            entry.spec = dataclasses.replace(entry.spec, path=gguf_path, hub_repo=None, hub_file=None,
-                                             architecture=None, size_bytes=None, instruct=None)
-            entry.loaded, entry.state, entry.error = loaded, "loaded", None
-            entry.reserved = max(self._estimate_header(header), loaded.memory_bytes)
-            entry.last_used = time.monotonic()
-            entry.done.set()
-        release_memory()
-        return self.record(model_id)
 
     # ----- idle unload -------------------------------------------------------------------------
     def sweep_idle(self, now: float | None = None) -> list[str]:
