@@ -21,7 +21,7 @@ from models.loader import LoadOptions, import_model_code
 from models.manager import ModelError, ModelManager
 from parsers import ParseError, ParseLimits, describe_supported, is_supported
 from parsers.pool import ParsePool
-from sessions import SessionStore, assemble_context, session_documents
+from sessions import SessionStore, session_context
 from sessions.export import export_json, export_markdown, import_json
 from units import format_bytes
 
@@ -228,19 +228,13 @@ class ChatService:
 
     def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None):
         session_id = session["id"]
-        messages = self.store.messages(owner, session_id)
-        if replace_from is not None:
-            messages = messages[:[m["id"] for m in messages].index(replace_from)]
-        history = [{"role": m["role"], "content": m["content"], "id": m["id"]}
-                   for m in messages if m["role"] in ("user", "assistant")]
-        documents = session_documents(self.store, owner, session_id)
         with self.manager.use(model_id) as lm:
             context = self.engine.context_limits(lm)
             try:
-                assembled = assemble_context(
-                    system_prompt=system_prompt, documents=documents, history=history, question=message,
-                    count_tokens=self.engine.token_counter(lm), context_limit=context,
-                    reply_budget=min(params.max_tokens, max(16, context // 4)),
+                assembled = session_context(
+                    self.store, owner, session_id, message, system_prompt=system_prompt,
+                    before_message_id=replace_from, count_tokens=self.engine.token_counter(lm),
+                    context_limit=context, reply_budget=min(params.max_tokens, max(16, context // 4)),
                 )
             except ValueError as error:
                 raise ServiceError(str(error)) from error
