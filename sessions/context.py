@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bm25 import BM25, tokenize
-from .chunking import Chunk, chunk_document, whole_pieces
+from .chunking import Passage, chunk_document, whole_pieces
 
 CHUNK_TOKENS = 200
 MIN_CHUNK_CHARS = 64
@@ -142,7 +142,7 @@ def _pick_documents(documents: list[ContextDocument], question: str, count_token
         else:
             large.append((i, doc_cost))
 
-    chunks: list[Chunk] = []
+    chunks: list[Passage] = []
     for i, doc_cost in sorted(large):
         doc = documents[i]
         chars_per_token = len(doc.text) / max(1, doc_cost)
