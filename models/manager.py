@@ -57,7 +57,7 @@ class _Entry:
     active: int = 0  # generations running on this model now
     reserved: int = 0  # bytes counted against the budget (estimate while loading, then measured)
     progress: tuple[float, str] = (0.0, "")
-    done: threading.Event = field(default_factory=threading.Event)
+    load_finished: threading.Event = field(default_factory=threading.Event)  # set when a load ends, either way
 
 
 def release_memory() -> None:
@@ -233,13 +233,13 @@ class ModelManager:
             if entry.spec.remote or entry.state == "loaded":
                 return
             if entry.state == "loading":
-                done, owner = entry.done, False
+                load_finished, owner = entry.load_finished, False
             else:
-                entry.state, entry.error, entry.done = "loading", None, threading.Event()
+                entry.state, entry.error, entry.load_finished = "loading", None, threading.Event()
                 entry.progress = (0.0, "starting")
-                done, owner = entry.done, True
+                load_finished, owner = entry.load_finished, True
         if not owner:
-            done.wait()
+            load_finished.wait()
             with self._lock:
                 if entry.state == "error":
                     raise ModelError(entry.error)
@@ -254,7 +254,7 @@ class ModelManager:
             log.warning("loading %s failed: %s", entry.spec.id, message)
             with self._lock:
                 entry.state, entry.error, entry.reserved, entry.loaded = "error", message, 0, None
-                entry.done.set()
+                entry.load_finished.set()
             release_memory()
             if isinstance(error, ModelError):  # already says it (ModelTooLarge): keep its type for callers
                 raise
@@ -265,7 +265,7 @@ class ModelManager:
             # would let the budget admit models that cannot all generate at once
             entry.reserved = max(entry.reserved, loaded.memory_bytes)
             entry.last_used = time.monotonic()
-            entry.done.set()
+            entry.load_finished.set()
 
     def _load_entry(self, entry: _Entry, progress: ProgressFn | None) -> LoadedModel:
         def report(fraction: float, message: str) -> None:
