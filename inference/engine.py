@@ -96,7 +96,8 @@ class Engine:
         with self.gate:
             yield from peer.stream(prepared, params, cancel, session_id)
 
-    def context_limits(self, model) -> int:
+    def context_limit(self, model) -> int:
+        """The longest prompt plus reply `model` takes, in tokens."""
         return self.peer(model).context_length
 
     def token_counter(self, model):

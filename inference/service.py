@@ -229,7 +229,7 @@ class ChatService:
     def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None):
         session_id = session["id"]
         with self.manager.use(model_id) as lm:
-            context = self.engine.context_limits(lm)
+            context = self.engine.context_limit(lm)
             try:
                 assembled = session_context(
                     self.store, owner, session_id, message, system_prompt=system_prompt,
