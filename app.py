@@ -110,9 +110,9 @@ def owner_of(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or LOCAL_USER) if request is not None else LOCAL_USER
 
 
-# ----- the Gradio API (API.md) ------------------------------------------------------------------
+# ----- the Gradio API (README) -------------------------------------------------------------------
 def register_api(service: ChatService) -> None:
-    """The named endpoints of API.md; the UI below calls the same service functions."""
+    """The named endpoints of the README's Gradio API section; the UI below calls the same service functions."""
 
     @friendly
     def list_models() -> list[dict]:
@@ -483,7 +483,7 @@ def recommended_hint(record: dict) -> str:
             "chat's model.")
 
 
-PRIVATE = {"api_visibility": "private"}  # UI events stay out of the public API (API.md lists that)
+PRIVATE = {"api_visibility": "private"}  # UI events stay out of the public API (the README lists that)
 
 
 # --- sessions ---

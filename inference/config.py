@@ -52,7 +52,7 @@ def check_remote(text: str) -> str:
 
 
 def default_memory_budget() -> int:
-    """70% of the memory available now (of the GPU's when CUDA is present)."""
+    """90% of the free GPU memory when CUDA is present, else 70% of the RAM available now."""
     try:
         import torch
 

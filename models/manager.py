@@ -94,7 +94,7 @@ class ModelManager:
 
     # ----- records -------------------------------------------------------------------------
     def records(self) -> list[dict]:
-        """Every catalog model, loaded or not, as API.md's model record.
+        """Every catalog model, loaded or not, as the README's model record (Gradio API section).
 
         A model whose file was removed while loaded stays listed (it still holds memory) until unloaded.
         """

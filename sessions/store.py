@@ -191,7 +191,7 @@ class SessionStore(FileMethods):
             return [records.message_out(d) for d in self._message_log(session_id).all()]
 
     def history(self, owner: str, session_id: str) -> list[dict]:
-        """``[{"role", "content"}]``, oldest first (API.md ``/history``)."""
+        """``[{"role", "content"}]``, oldest first (README: the Gradio API's ``/history``)."""
         return [{"role": m["role"], "content": m["content"]} for m in self.messages(owner, session_id)]
 
     def delete_messages_from(self, owner: str, session_id: str, message_id: str) -> int:

@@ -1,4 +1,4 @@
-"""The Gradio API of API.md, end to end: a real app on a loopback port, driven by gradio_client.
+"""The Gradio API of the README, end to end: a real app on a loopback port, driven by gradio_client.
 
 One app serves the module (tiny random models, a small upload limit); a second one runs with
 --auth to check that users only ever see their own sessions.
