@@ -206,7 +206,7 @@ def pick_weights(device: torch.device, options: LoadOptions) -> str:
 def import_model_code() -> float:
     """Import transformers' model code for every supported architecture; return the seconds it took.
 
-    The first model load in a process otherwise pays ~4 s here (transformers' modeling modules pull
+    The first model load in a process otherwise pays seconds here (transformers' modeling modules pull
     in torch.distributed, sympy and dynamo). The app does it once at start, so loading a model
     while the app runs costs only the header, the weights and the tokenizer.
     """
@@ -255,7 +255,7 @@ def load_weights(folder: Path, device: torch.device, dtype: torch.dtype, quantiz
 
 
 def stop_ids(tokenizer, chat_format: ChatFormat) -> frozenset[int]:
-    # token by token: `get_vocab()` would build a 262k-entry dict (0.4 s) for a handful of lookups
+    # token by token: `get_vocab()` would build a 262k-entry dict for a handful of lookups
     lookup = tokenizer.backend_tokenizer.token_to_id
     ids = {lookup(token) for token in (*chat_format.stop_tokens, *KNOWN_STOP_TOKENS)} - {None}
     if tokenizer.eos_token_id is not None:
