@@ -6,8 +6,9 @@ done by inference.service.ChatService.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
+import inspect
 import logging
 import os
 import tempfile
@@ -24,9 +25,8 @@ from inference.config import AppConfig, config_from_args, exposure_warning, log_
 from inference.http_limits import BodySizeLimit
 from inference.service import ChatService, ServiceError
 from models.catalog import BASE_MODEL_NOTE
-from models.manager import format_bytes
 from sessions import LOCAL_USER
-from sessions.export import export_json, export_markdown, import_json
+from units import format_bytes
 
 log = logging.getLogger("app")
 
@@ -75,43 +75,44 @@ _EXPECTED = (ServiceError, ValueError, KeyError, RuntimeError, OSError)
 
 
 def friendly(fn):
-    """Turn expected failures into gr.Error with a readable message; log the unexpected."""
+    """Turn expected failures into gr.Error with a readable message; log the unexpected.
+
+    Works on plain handlers and on generator handlers (streams) alike.
+    """
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream_wrapper(*args, **kwargs):
+            with _friendly_errors(fn):
+                yield from fn(*args, **kwargs)
+        return stream_wrapper
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with _friendly_errors(fn):
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except _EXPECTED as error:
-            raise gr.Error(_message(error), print_exception=False) from None
-        except Exception as error:  # pragma: no cover - a bug; keep the page alive
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Internal error ({type(error).__name__}); see the server log.") from None
     return wrapper
 
 
-def friendly_stream(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            yield from fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except _EXPECTED as error:
-            raise gr.Error(_message(error), print_exception=False) from None
-        except Exception as error:  # pragma: no cover
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Internal error ({type(error).__name__}); see the server log.") from None
-    return wrapper
+@contextlib.contextmanager
+def _friendly_errors(fn):
+    try:
+        yield
+    except gr.Error:
+        raise
+    except _EXPECTED as error:
+        raise gr.Error(_message(error), print_exception=False) from None
+    except Exception as error:  # pragma: no cover - a bug; keep the page alive
+        log.exception("unexpected error in %s", fn.__name__)
+        raise gr.Error(f"Internal error ({type(error).__name__}); see the server log.") from None
 
 
 def owner_of(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or LOCAL_USER) if request is not None else LOCAL_USER
 
 
-# ----- the Gradio API (API.md) ------------------------------------------------------------------
+# ----- the Gradio API (README) -------------------------------------------------------------------
 def register_api(service: ChatService) -> None:
-    """The named endpoints of API.md; the UI below calls the same service functions."""
+    """The named endpoints of the README's Gradio API section; the UI below calls the same service functions."""
 
     @friendly
     def list_models() -> list[dict]:
@@ -145,7 +146,7 @@ def register_api(service: ChatService) -> None:
     def history(session_id: str, request: gr.Request) -> list[dict]:
         return service.history(owner_of(request), session_id)
 
-    @friendly_stream
+    @friendly
     def chat(session_id: str, message: str, model_id: str, settings: str, request: gr.Request) -> Iterator[str]:
         last = ""
         updates = service.chat(owner_of(request), session_id, message, model_id or "", settings or "")
@@ -330,8 +331,8 @@ def _state_note(record: dict) -> str:
 def shorten(text: str, limit: int = 160) -> str:
     """A message short enough for a toast: its first clause, or its first `limit` characters.
 
-    ("x.exe: unsupported file type; supported: <a hundred extensions>" keeps the part before ";";
-    the uploader's hint says which types work.)
+    (An unsupported-type message, which lists the common types, is cut at a word; the uploader's hint
+    says which types work.)
     """
     if len(text) <= limit:
         return text
@@ -482,7 +483,7 @@ def recommended_hint(record: dict) -> str:
             "chat's model.")
 
 
-PRIVATE = {"api_visibility": "private"}  # UI events stay out of the public API (API.md lists that)
+PRIVATE = {"api_visibility": "private"}  # UI events stay out of the public API (the README lists that)
 
 
 # --- sessions ---
@@ -497,7 +498,7 @@ def show_session(service: ChatService, owner: str, session_id: str) -> tuple:
     session = service.get_session(owner, session_id)
     model_id = session.get("model_id") or config.default_model
     try:
-        note = model_note(service.manager.record(model_id))
+        note = model_note(service.model_record(model_id))
     except _EXPECTED:
         note = ""
     return (session_id, session_id, gr.update(choices=session_choices(service, owner), value=session_id),
@@ -579,19 +580,19 @@ def stream_reply(service: ChatService, owner, session_id, text, model_id, histor
             yield history, "generating…", gr.update(), gr.update()
     note = describe_reply(final.stats, final.report) if final else ""
     yield (history, note, gr.update(choices=session_choices(service, owner), value=session_id),
-           model_note(service.manager.record(model_id or service.get_session(owner, session_id)["model_id"])))
+           model_note(service.model_record(model_id or service.get_session(owner, session_id)["model_id"])))
 
 
 def _wire_chat(ui, service: ChatService) -> None:
     config = service.config
 
-    @friendly_stream
+    @friendly
     def on_send(session_id, text, model_id, history, request: gr.Request):
         if not (text or "").strip():
             return
         yield from stream_reply(service, owner_of(request), session_id, text, model_id, history)
 
-    @friendly_stream
+    @friendly
     def on_regenerate(session_id, model_id, history, request: gr.Request):
         yield from stream_reply(service, owner_of(request), session_id, "", model_id, history, regenerate=True)
 
@@ -709,7 +710,7 @@ def _wire_models(ui, service: ChatService) -> None:
 
     @friendly
     def on_pin(model_id):
-        record = service.manager.record(required(model_id))
+        record = service.model_record(required(model_id))
         service.pin_model(model_id, not record["pinned"])
         return refresh_models()
 
@@ -743,13 +744,8 @@ def _wire_export(ui, service: ChatService) -> None:
     def export(session_id, kind, request: gr.Request):
         owner = owner_of(request)
         folder = Path(tempfile.mkdtemp(prefix="export-"))
-        if kind == "md":
-            path = folder / "chat.md"
-            path.write_text(export_markdown(service.store, owner, session_id), encoding="utf-8")
-        else:
-            path = folder / "chat.json"
-            path.write_text(json.dumps(export_json(service.store, owner, session_id), indent=2,
-                                       ensure_ascii=False), encoding="utf-8")
+        path = folder / ("chat.md" if kind == "md" else "chat.json")
+        path.write_text(service.export_session(owner, session_id, kind), encoding="utf-8")
         return str(path)
 
     def on_export_md(session_id, request: gr.Request):
@@ -765,7 +761,7 @@ def _wire_export(ui, service: ChatService) -> None:
     def on_import(upload, request: gr.Request):
         owner = owner_of(request)
         path = upload if isinstance(upload, str) else upload.name
-        record = import_json(service.store, owner, Path(path).read_bytes())
+        record = service.import_session(owner, Path(path).read_bytes())
         return show_session(service, owner, record["id"])
 
     ui.import_btn.upload(on_import, [ui.import_btn], _session_view(ui), **PRIVATE)

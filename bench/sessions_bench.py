@@ -30,15 +30,15 @@ def run(total: int, chars: int, checkpoints: list[int]) -> dict[int, float]:
     timings: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         store = SessionStore(Path(tmp))
-        sid = store.create(LOCAL_USER, "bench")["id"]
+        session_id = store.create(LOCAL_USER, "bench")["id"]
         for i in range(total + WINDOW):
             role = "user" if i % 2 == 0 else "assistant"
             size = chars // 6 if role == "user" else chars
             content = (f"message {i} " + "lorem ipsum dolor sit amet ") * (size // 27 + 1)
             start = time.perf_counter()
-            store.add_message(LOCAL_USER, sid, role, content[:size], model_id="bench", tokens=size // 4)
+            store.add_message(LOCAL_USER, session_id, role, content[:size], model_id="bench", tokens=size // 4)
             timings.append((time.perf_counter() - start) * 1000)
-        sizes = [f.stat().st_size for f in (Path(tmp) / "sessions" / sid).glob("*.json")]
+        sizes = [f.stat().st_size for f in (Path(tmp) / "sessions" / session_id).glob("*.json")]
     print(f"session on disk at the end: {sum(sizes) / 1e6:.1f} MB in {len(sizes)} files, "
           f"largest {max(sizes) / 1e6:.2f} MB")
     return {n: statistics.mean(timings[n:n + WINDOW]) for n in checkpoints}

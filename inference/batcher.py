@@ -31,7 +31,6 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[list[int], list, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     @property
     def bytes(self) -> int:
@@ -43,7 +42,6 @@ class PrefixCache:
         with self._lock:
             entry = self._entries.pop(key, None)
         if entry is None:
-            self.misses += 1
             return 0, None
         ids, layers, _ = entry
         limit = min(len(ids), len(prompt_ids) - 1)
@@ -51,9 +49,7 @@ class PrefixCache:
         while common < limit and ids[common] == prompt_ids[common]:
             common += 1
         if common == 0:
-            self.misses += 1
             return 0, None
-        self.hits += 1
         return common, [(k[:, :, :common], v[:, :, :common]) for k, v in layers]
 
     def put(self, key: str, ids: list[int], layers: list) -> None:
@@ -75,16 +71,16 @@ class PrefixCache:
 
 @dataclass
 class _Prefill:
-    """A request whose prompt is being fed: `done` of its tokens are in `cache` (None before the first)."""
+    """A request whose prompt is being fed: its first `fed` tokens are in `cache` (None before the first)."""
 
     request: Request
     cache: object | None = None
-    done: int = 0
+    fed: int = 0
     logits: torch.Tensor | None = None  # the last position's, once the whole prompt is in
 
     @property
     def remaining(self) -> int:
-        return len(self.request.prompt_ids) - self.done
+        return len(self.request.prompt_ids) - self.fed
 
 
 class BatchScheduler:
@@ -197,7 +193,7 @@ class BatchScheduler:
         """Prompts with nothing cached that fit one left-padded forward of at most `prefill_chunk`
         tokens, shortest first. Padding costs compute, a second forward costs a pass over the
         weights: padding may waste up to half the real tokens, or 64 tokens, whichever is more."""
-        fresh = sorted((item for item in feeding if item.done == 0 and item.remaining <= self.prefill_chunk),
+        fresh = sorted((item for item in feeding if item.fed == 0 and item.remaining <= self.prefill_chunk),
                        key=lambda item: item.remaining)
         group: list[_Prefill] = []
         real = 0
@@ -240,16 +236,16 @@ class BatchScheduler:
     def _prefill_chunk(self, item: _Prefill) -> bool:
         """Feed the next chunk of one prompt on its own cache; True once the whole prompt is in."""
         prompt = item.request.prompt_ids
-        end = min(len(prompt), item.done + self.prefill_chunk)
+        end = min(len(prompt), item.fed + self.prefill_chunk)
         device = self.lm.device
-        ids = torch.tensor([prompt[item.done:end]], dtype=torch.long, device=device)
-        positions = torch.arange(item.done, end, device=device).unsqueeze(0)
+        ids = torch.tensor([prompt[item.fed:end]], dtype=torch.long, device=device)
+        positions = torch.arange(item.fed, end, device=device).unsqueeze(0)
         item.cache = item.cache if item.cache is not None else kv.new_cache()
         with torch.inference_mode():
             item.logits = self.lm.model(input_ids=ids, cache=item.cache, position_ids=positions, use_cache=True,
                                         logits_to_keep=1).logits[0, -1]
         self.prefills += 1
-        item.done = end
+        item.fed = end
         return end == len(prompt)
 
     def _admit_single(self, batch, rows, item: _Prefill):

@@ -52,7 +52,7 @@ def check_remote(text: str) -> str:
 
 
 def default_memory_budget() -> int:
-    """70% of the memory available now (of the GPU's when CUDA is present)."""
+    """90% of the free GPU memory when CUDA is present, else 70% of the RAM available now."""
     try:
         import torch
 
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
            help="largest max_tokens a request may ask")
     option("--max-prompt-chars", dest="max_prompt_chars", type=int, metavar="N", default="100000",
            help="longest message (UI, Gradio API) or whole conversation (/v1) a request may send")
-    option("--max-upload", dest="max_upload", type=parse_size, metavar="SIZE", default="50MB",
+    option("--max-upload", dest="max_upload", type=parse_size, metavar="SIZE", default="50MiB",
            help="largest uploaded file")
     option("--max-files", dest="max_files", type=int, metavar="N", default="50", help="files per session")
     option("--parse-timeout", dest="parse_timeout", type=parse_duration, metavar="DURATION", default="120s",

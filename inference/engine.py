@@ -211,7 +211,8 @@ class Engine:
             if admission is not None:
                 admission.release()
 
-    def context_limits(self, model) -> int:
+    def context_limit(self, model) -> int:
+        """The longest prompt plus reply `model` takes, in tokens."""
         return self.peer(model).context_length
 
     def token_counter(self, model):

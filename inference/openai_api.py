@@ -116,9 +116,9 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             include_usage = _include_usage(body)
             session_id = request.headers.get("x-session-id")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
-            owner = (service.store.owner_of(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
+            owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(workers, service.manager.record, model_id)  # unknown: 404 before queueing
+            await loop.run_in_executor(workers, service.model_record, model_id)  # unknown: 404 before queueing
             admission = service.engine.gate.reserve()  # a full queue: Busy, a 429
             await _admitted(request, admission, service.engine.gate.wait_timeout_s)
             chunks = _open_stream(service, model_id, messages, params, session_id, owner, admission, workers)

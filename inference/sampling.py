@@ -1,7 +1,7 @@
 """Pick the next token from one row of logits: greedy, or temperature with top-k / top-p.
 
-Vocabularies run to 262,144 tokens (Gemma 3), and sorting that many floats for top-p costs about
-20 ms per token on a 2-core CPU, as much as a quarter of a decode step. So the filters work on a
+Vocabularies run to 262,144 tokens (Gemma 3), and sorting that many floats for top-p costs a large
+share of a CPU decode step (figures in bench/RESULTS.md). So the filters work on a
 short list: the top-k best tokens when top-k is set, otherwise a window of the best tokens that is
 widened until it holds the whole nucleus. Both give the same distribution as filtering the full
 vocabulary: what is cut is only tokens that the full filter would give probability zero. The draw
@@ -61,7 +61,7 @@ def candidates(logits: torch.Tensor, params: GenerationParams) -> tuple[torch.Te
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index drawn in proportion to `probs` (not all zero) by inverting their running sum.
 
-    torch.multinomial takes about 9 ms over a 262,144-token vocabulary here; this takes 0.6-2 ms.
+    torch.multinomial over a 262,144-token vocabulary is several times slower on a CPU (bench/RESULTS.md).
     The running sum is in float64 so that even the rarest tokens keep their share.
     """
     cumulative = torch.cumsum(probs, dim=0, dtype=torch.float64)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import shutil
 import threading
@@ -17,10 +18,12 @@ from typing import Iterator
 
 from models.catalog import Catalog, assemble_default_model, parse_remote_option
 from models.loader import LoadOptions, import_model_code
-from models.manager import ModelError, ModelManager, format_bytes
-from parsers import ParseError, ParseLimits, is_supported, supported_types
+from models.manager import ModelError, ModelManager
+from parsers import ParseError, ParseLimits, describe_supported, is_supported
 from parsers.pool import ParsePool
-from sessions import DocumentCache, SessionStore, assemble_context, session_documents
+from sessions import DocumentCache, SessionStore, session_context
+from sessions.export import export_json, export_markdown, import_json
+from units import format_bytes
 
 from .config import AppConfig, default_memory_budget
 from .engine import Busy, Engine
@@ -107,6 +110,10 @@ class ChatService:
     def pin_model(self, model_id: str, pinned: bool) -> dict:
         return self.manager.pin(_required(model_id, "model_id"), pinned)
 
+    def model_record(self, model_id: str) -> dict:
+        """One model's record (state, size, context length); an unknown id raises ModelError."""
+        return self.manager.record(_required(model_id, "model_id"))
+
     def memory_status(self) -> dict:
         return {"used_bytes": self.manager.memory_used(), "budget_bytes": self.manager.memory_budget}
 
@@ -145,6 +152,10 @@ class ChatService:
     def get_session(self, owner: str, session_id: str) -> dict:
         return self.store.get(owner, _required(session_id, "session_id"))
 
+    def session_owner(self, session_id: str) -> str | None:
+        """Who owns a session, or None for an unknown id (the /v1 router binds a session by id alone)."""
+        return self.store.owner_of(session_id)
+
     def rename_session(self, owner: str, session_id: str, title: str) -> dict:
         return self.store.rename(owner, _required(session_id, "session_id"), title)
 
@@ -170,6 +181,17 @@ class ChatService:
 
     def clear_history(self, owner: str, session_id: str) -> None:
         self.store.clear_messages(owner, session_id)
+
+    def export_session(self, owner: str, session_id: str, kind: str) -> str:
+        """The session as text: Markdown (`kind` "md") or the JSON export that `import_session` reads back."""
+        session_id = _required(session_id, "session_id")
+        if kind == "md":
+            return export_markdown(self.store, owner, session_id)
+        return json.dumps(export_json(self.store, owner, session_id), indent=2, ensure_ascii=False)
+
+    def import_session(self, owner: str, data: str | bytes) -> dict:
+        """A new session from a JSON export; raises StoreError (a ValueError) if `data` is not one."""
+        return import_json(self.store, owner, data)
 
     # ----- chat --------------------------------------------------------------------------------
     def chat(self, owner: str, session_id: str, message: str, model_id: str = "",
@@ -209,19 +231,13 @@ class ChatService:
     def _chat_turn(self, owner, session, message, model_id, params, system_prompt, cancel, replace_from=None,
                    admission=None):
         session_id = session["id"]
-        messages = self.store.messages(owner, session_id)
-        if replace_from is not None:
-            messages = messages[:[m["id"] for m in messages].index(replace_from)]
-        history = [{"role": m["role"], "content": m["content"], "id": m["id"]}
-                   for m in messages if m["role"] in ("user", "assistant")]
-        documents = session_documents(self.store, owner, session_id)
         with self.manager.use(model_id) as lm:
-            context = self.engine.context_limits(lm)
+            context = self.engine.context_limit(lm)
             try:
-                assembled = assemble_context(
-                    system_prompt=system_prompt, documents=documents, history=history, question=message,
-                    count_tokens=self.engine.token_counter(lm), context_limit=context,
-                    reply_budget=min(params.max_tokens, max(16, context // 4)),
+                assembled = session_context(
+                    self.store, owner, session_id, message, system_prompt=system_prompt,
+                    before_message_id=replace_from, count_tokens=self.engine.token_counter(lm),
+                    context_limit=context, reply_budget=min(params.max_tokens, max(16, context // 4)),
                     cache=self.documents, tokenizer_key=model_id,
                 )
             except ValueError as error:
@@ -387,14 +403,6 @@ class ChatService:
         with self.manager.use(model_id) as lm:
             yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event(),
                                                admission=admission)
-
-
-def describe_supported(shown: int = 16) -> str:
-    """A short list of the file types we read, for error messages."""
-    types = supported_types()
-    common = [t for t in (".pdf", ".docx", ".txt", ".md", ".csv", ".json", ".py", ".js", ".ts", ".java", ".c",
-                          ".cpp", ".rs", ".go", ".html", "Dockerfile") if t in types][:shown]
-    return f"Supported: {', '.join(common)} and {len(types) - len(common)} more text and code types."
 
 
 def _required(value, name: str) -> str:

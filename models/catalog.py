@@ -180,11 +180,6 @@ class Catalog:
             info.update(on_disk=True, file_error=f"{spec.path.name}: unreadable GGUF metadata ({error})")
         return info
 
-    def add_remote(self, model_id: str, name: str, engine: RemoteEngine) -> ModelSpec:
-        spec = ModelSpec(slug(model_id), name or model_id, remote=engine)
-        self.extra = [s for s in self.extra if s.id != spec.id] + [spec]
-        return spec
-
     def _user_specs(self) -> list[ModelSpec]:
         """Entries of catalog.json: `{"models": [{"id", "name", "path"} | {"id", "name", "base_url", "model", "api_key"}]}`."""
         if not self.user_file.exists():

@@ -1,7 +1,7 @@
 """Turn a GGUF file into a transformers checkpoint folder (config, tokenizer, safetensors).
 
-This is the slow, once-per-file step. It reads the header with our own reader (0.5 s for the
-bundled model, against 18 s for each of the three passes `from_pretrained(gguf_file=...)` makes),
+This is the slow, once-per-file step. It reads the header with our own reader (a small fraction of
+the time of each of the three passes `from_pretrained(gguf_file=...)` makes; bench/RESULTS.md),
 then reuses transformers' own GGUF tables for what the numbers mean: the config key mapping, the
 tokenizer builders and the per-architecture tensor fix-ups (llama's q/k permutation, Gemma's
 norm offset), so our checkpoint is the one transformers would have built.
@@ -26,17 +26,16 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .gguf_file import GGML_TYPES, GGUFError, GGUFHeader, TensorInfo
 from .merges import sentencepiece_merges
+from .progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
 
 # transformers builds a model under process-wide patches (torch's default dtype, a no-op
 # `PreTrainedModel.tie_weights`) that it saves and restores without a lock: two builds at once
@@ -181,8 +180,8 @@ class WeightPlan:
 def gguf_name_map(skeleton, processor, architecture: str) -> dict[str, str]:
     """GGUF tensor name -> transformers parameter name, as transformers' `get_gguf_hf_weights_map`.
 
-    That function walks every submodule and rebuilds gguf-py's name table for each one (313 times,
-    5 s, for Gemma 3 270M). This builds the table once and walks the same modules in the same
+    That function walks every submodule and rebuilds gguf-py's name table for each one (313 times
+    for Gemma 3 270M). This builds the table once and walks the same modules in the same
     order, the first mapping found for a name winning, as there.
     """
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
@@ -336,7 +335,7 @@ def _converted_bytes(weights: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
     `SERIAL_VALUES` at a time, below the size at which torch splits a conversion across its
     threads: two pieces converting at once, each with its own thread team, on a busy two-core
-    machine spin-wait for each other (20 s instead of 1 s for the bundled model).
+    machine spin-wait for each other (an order of magnitude slower for the bundled model).
     """
     if dtype == torch.float32:
         return weights.view(np.uint8)

@@ -1,8 +1,8 @@
 """Wide matrix products of bfloat16 weights in float32, on CPUs that have no native bfloat16.
 
 Without AVX512-BF16 or AMX, bfloat16 matrix products are emulated: one decode row is fine (reading
-the weights dominates, and bfloat16 halves that), but a prefill of hundreds of tokens runs about
-5x slower than in float32. So for inputs of `min_rows` rows or more, each linear layer converts
+the weights dominates, and bfloat16 halves that), but a prefill of hundreds of tokens runs several
+times slower than in float32. So for inputs of `min_rows` rows or more, each linear layer converts
 its weight to float32 for that call and multiplies in float32; the weights stay bfloat16 in
 memory. Accumulation is float32 either way, so results agree with the bfloat16 path to rounding.
 """

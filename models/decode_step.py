@@ -2,8 +2,8 @@
 
 A decode step of a small model is many small operations: Gemma 3 270M runs 18 layers of 7 matrix
 products, 6 norms, rotary embeddings and attention per token. Through transformers' modules each
-step also pays for decorators, keyword plumbing, output records and mask builders, which on a 2-core
-CPU is a quarter or more of the step once the kernels are fast (bench/RESULTS.md). `DecodeStep` runs
+step also pays for decorators, keyword plumbing, output records and mask builders, which on a small
+CPU is a large share of the step once the kernels are fast (bench/RESULTS.md). `DecodeStep` runs
 the same layers in a plain loop: the model's own modules for every weight (the quantized linears, the
 fused norms, the rotary embedding), the same KV cache object (so the batcher's cache surgery and the
 prefill path are unchanged), and the same masking rules (left padding, sliding windows).

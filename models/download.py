@@ -6,12 +6,10 @@ import os
 import socket
 import urllib.request
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 from .catalog import ModelSpec
-
-ProgressFn = Callable[[float, str], None]
+from .progress import ProgressFn
 
 
 class DownloadError(RuntimeError):

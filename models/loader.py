@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -26,12 +25,12 @@ from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
 from .decode_step import make_decode_step
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .gguf_file import GGUFHeader, read_header
+from .progress import ProgressFn
 from .quant_checkpoint import load_quantized_model
 from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
 DEFAULT_MAX_CONTEXT = 8192  # cap on the context we serve, to bound KV-cache memory on small machines
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WEIGHTS = ("auto", "quantized", "dense")
@@ -71,7 +70,6 @@ class LoadedModel:
     architecture: str
     stop_token_ids: frozenset[int]
     memory_bytes: int
-    load_seconds: float = 0.0
     weights: str = "dense"  # "quantized" | "dense": how the weights are held
     kernels: str = "torch"  # "native" | "torch": what multiplies the int8 weights of decode steps
     runtime: dict = field(default_factory=dict)  # engine state that lives and dies with these weights
@@ -208,7 +206,7 @@ def pick_weights(device: torch.device, options: LoadOptions) -> str:
 def import_model_code() -> float:
     """Import transformers' model code for every supported architecture; return the seconds it took.
 
-    The first model load in a process otherwise pays ~4 s here (transformers' modeling modules pull
+    The first model load in a process otherwise pays seconds here (transformers' modeling modules pull
     in torch.distributed, sympy and dynamo). The app does it once at start, so loading a model
     while the app runs costs only the header, the weights and the tokenizer.
     """
@@ -257,7 +255,7 @@ def load_weights(folder: Path, device: torch.device, dtype: torch.dtype, quantiz
 
 
 def stop_ids(tokenizer, chat_format: ChatFormat) -> frozenset[int]:
-    # token by token: `get_vocab()` would build a 262k-entry dict (0.4 s) for a handful of lookups
+    # token by token: `get_vocab()` would build a 262k-entry dict for a handful of lookups
     lookup = tokenizer.backend_tokenizer.token_to_id
     ids = {lookup(token) for token in (*chat_format.stop_tokens, *KNOWN_STOP_TOKENS)} - {None}
     if tokenizer.eos_token_id is not None:
@@ -302,7 +300,6 @@ def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype,
 def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOptions(),
                progress: ProgressFn | None = None, header: GGUFHeader | None = None) -> LoadedModel:
     """Load `gguf_path`, converting it first if no cached checkpoint exists. Raises `LoadError`."""
-    started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     if options.quantization not in QUANTIZATIONS:
         raise LoadError(f"unknown quantization {options.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
@@ -333,7 +330,7 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         model=model, tokenizer=tokenizer, chat_format=chat_format, context_length=context,
         device=device, dtype=dtype, architecture=header.architecture,
         stop_token_ids=stop_ids(tokenizer, chat_format), memory_bytes=memory,
-        load_seconds=time.perf_counter() - started, weights=weights,
+        weights=weights,
         kernels="torch" if native is None else "native",
         decode_step=make_decode_step(model) if weights == "quantized" else None,
     )

@@ -1,7 +1,7 @@
 """The model manager: one object that owns every loaded model.
 
 - `use(model_id)` hands out a model for one generation, loading it on demand; while in use a
-  model is never evicted, and an unload or hot-swap lets it finish on the weights it started with.
+  model is never evicted, and an unload lets it finish on the weights it started with.
 - A memory budget in bytes, checked against the dequantized size estimated from the GGUF tensor
   shapes *before* loading; least recently used, unpinned, idle models are evicted to make room.
 - Idle unload, pinning, and per-model states `unloaded | loading | loaded | error`.
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import threading
@@ -19,16 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from units import format_bytes
+
 from .catalog import Catalog, ModelSpec, check_file
 from .download import DownloadError, ensure_local
-from .gguf_file import GGUFError, read_header
+from .gguf_file import GGUFError
 from .loader import (LoadedModel, LoadError, LoadOptions, bytes_per_param, load_model, pick_device, pick_dtype,
                      pick_weights)
+from .progress import ProgressFn
 from .templates import UnknownArchitecture
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
 STATES = ("unloaded", "loading", "loaded", "error")
 
 
@@ -56,15 +57,7 @@ class _Entry:
     active: int = 0  # generations running on this model now
     reserved: int = 0  # bytes counted against the budget (estimate while loading, then measured)
     progress: tuple[float, str] = (0.0, "")
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def format_bytes(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+    load_finished: threading.Event = field(default_factory=threading.Event)  # set when a load ends, either way
 
 
 def release_memory() -> None:
@@ -101,7 +94,7 @@ class ModelManager:
 
     # ----- records -------------------------------------------------------------------------
     def records(self) -> list[dict]:
-        """Every catalog model, loaded or not, as API.md's model record.
+        """Every catalog model, loaded or not, as the README's model record (Gradio API section).
 
         A model whose file was removed while loaded stays listed (it still holds memory) until unloaded.
         """
@@ -240,13 +233,13 @@ class ModelManager:
             if entry.spec.remote or entry.state == "loaded":
                 return
             if entry.state == "loading":
-                done, owner = entry.done, False
+                load_finished, owner = entry.load_finished, False
             else:
-                entry.state, entry.error, entry.done = "loading", None, threading.Event()
+                entry.state, entry.error, entry.load_finished = "loading", None, threading.Event()
                 entry.progress = (0.0, "starting")
-                done, owner = entry.done, True
+                load_finished, owner = entry.load_finished, True
         if not owner:
-            done.wait()
+            load_finished.wait()
             with self._lock:
                 if entry.state == "error":
                     raise ModelError(entry.error)
@@ -261,7 +254,7 @@ class ModelManager:
             log.warning("loading %s failed: %s", entry.spec.id, message)
             with self._lock:
                 entry.state, entry.error, entry.reserved, entry.loaded = "error", message, 0, None
-                entry.done.set()
+                entry.load_finished.set()
             release_memory()
             if isinstance(error, ModelError):  # already says it (ModelTooLarge): keep its type for callers
                 raise
@@ -272,7 +265,7 @@ class ModelManager:
             # would let the budget admit models that cannot all generate at once
             entry.reserved = max(entry.reserved, loaded.memory_bytes)
             entry.last_used = time.monotonic()
-            entry.done.set()
+            entry.load_finished.set()
 
     def _load_entry(self, entry: _Entry, progress: ProgressFn | None) -> LoadedModel:
         def report(fraction: float, message: str) -> None:
@@ -316,37 +309,6 @@ class ModelManager:
             entry.reserved = needed
         if victims:
             release_memory()
-
-    # ----- hot swap ------------------------------------------------------------------------
-    def swap(self, model_id: str, gguf_path: Path, progress: ProgressFn | None = None) -> dict:
-        """Serve `model_id` from another file. Running generations finish on the old weights."""
-        entry = self._entry(model_id)
-        if entry.spec.remote:
-            raise ModelError(f"{model_id} is a remote engine; there are no weights to swap")
-        gguf_path = Path(gguf_path)
-        with self._lock:
-            current = entry.reserved
-        try:
-            header = read_header(gguf_path)
-            # Both sets of weights live at once until running generations finish on the old ones.
-            self._make_room(entry, current + self._estimate_header(header))
-            loaded = self._loader(gguf_path, self.cache_root, self.options, progress=progress, header=header)
-        except Exception as error:
-            with self._lock:
-                entry.reserved = current
-            if isinstance(error, ModelError):
-                raise
-            raise ModelError(_describe_failure(entry.spec, error)) from error
-        with self._lock:
-            # another file by choice: what the catalog expected of the old one no longer applies
-            entry.spec = dataclasses.replace(entry.spec, path=gguf_path, hub_repo=None, hub_file=None,
-                                             architecture=None, size_bytes=None, instruct=None)
-            entry.loaded, entry.state, entry.error = loaded, "loaded", None
-            entry.reserved = max(self._estimate_header(header), loaded.memory_bytes)
-            entry.last_used = time.monotonic()
-            entry.done.set()
-        release_memory()
-        return self.record(model_id)
 
     # ----- idle unload -------------------------------------------------------------------------
     def sweep_idle(self, now: float | None = None) -> list[str]:

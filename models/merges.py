@@ -1,8 +1,8 @@
 """SentencePiece merges for `tokenizer.json`, derived in numpy rather than in Python.
 
 A SentencePiece GGUF (Gemma's, Llama 2's) lists no BPE merges; transformers derives them from the
-vocabulary one Python string at a time (3.4 s for Gemma's 262k tokens). `derive_merges` returns the
-same list, in the same order, in about a second; anything it cannot vouch for returns None and
+vocabulary one Python string at a time, slow for Gemma's 262k tokens. `derive_merges` returns the
+same list, in the same order, several times faster; anything it cannot vouch for returns None and
 transformers derives the merges itself.
 """
 
@@ -16,7 +16,7 @@ def sentencepiece_merges(architecture: str, tokenizer_dict: dict) -> str | None:
     JSON array; None where it derives none.
 
     A SentencePiece GGUF (Gemma's, Llama 2's) lists no merges, and transformers derives them from
-    the vocabulary in Python (3.4 s for Gemma's 262k tokens). This takes the same tokens and
+    the vocabulary in Python, one string at a time. This takes the same tokens and
     scores its builders take, and derives the same list with `derive_merges`.
     """
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (

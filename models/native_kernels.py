@@ -2,15 +2,15 @@
 
 Where the CPU has no native bfloat16 (AVX2 only), torch's int8 and int4 weight kernels convert every
 weight to float before multiplying and are compute-bound: the 262,144 x 640 output table of Gemma 3
-takes them 35-40 ms a token. `native/q8_matmul.c` quantizes the activations to int8 in blocks of 32
+dominates a decode step. `native/q8_matmul.c` quantizes the activations to int8 in blocks of 32
 (as llama.cpp does for its own dot products) and multiplies bytes by bytes, which makes a decode
-step read-bound: ~13 ms for that table (bench/RESULTS.md).
+step read-bound (figures in bench/RESULTS.md).
 
 The kernel is used only where it helps and works: an x86 CPU with AVX2 and FMA and no native
 bfloat16, a C compiler on the PATH (`cc`, or `CC`), a build that succeeds and a self-check against
 torch that agrees. Otherwise `load_kernels` returns None and torch's kernels serve (models/qlinear.py);
 `LoadOptions(kernels="torch")` / `--cpu-kernels torch` choose them on every CPU. The library is built
-once per source version into `build_dir` (about a second) and reused by later starts.
+once per source version into `build_dir` and reused by later starts.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ stored, and leaves the model code alone.
 
 - `Int4Linear`: `torch._weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero each.
 - `Int8Linear`: `torch._weight_int8pack_mm`, one scale per output row; on AVX2 CPUs the C kernel of
-  models/native_kernels.py for decode-sized inputs (int8 activations, ~2-3x faster there).
+  models/native_kernels.py for decode-sized inputs (int8 activations, faster there).
 - `FusedRMSNorm`: the architectures' RMS norms as one fused op (`F.rms_norm`) instead of six; a
   decode step runs ~110 of them (Gemma 3 270M), so their per-op overhead adds up.
 - `Int8Embedding`: looks rows up in the int8 table and scales them; it shares its table with the
   output projection when the model ties the two (Gemma), so the largest matrix is held once.
 
-The kernels take bfloat16 inputs and scales on every CPU: on an AVX2-only CPU they are 5-15x
-slower with float32 inputs (bench/RESULTS.md). The rest of the model (norms, attention, the
+The kernels take bfloat16 inputs and scales on every CPU: on an AVX2-only CPU they are several
+times slower with float32 inputs (bench/RESULTS.md). The rest of the model (norms, attention, the
 residual stream) runs in `compute_dtype`: bfloat16 where the CPU multiplies it natively
 (AVX512-BF16, AMX), float32 elsewhere, where bfloat16 arithmetic is emulated and slower.
 """
@@ -31,7 +31,7 @@ from .cpu_matmul import cpu_has_native_bf16
 GROUP = 32
 KERNEL_DTYPE = torch.bfloat16  # what the int4/int8 kernels read: inputs, scales, outputs
 # int8 weights multiply inputs of this many rows or more (a prompt's prefill) dequantized, in the
-# activations' dtype: 1.3-2x faster than the int8 kernel at 512 rows here. Only for weights of at most
+# activations' dtype: faster than the int8 kernel for prefill-sized inputs. Only for weights of at most
 # WIDE_MAX_WEIGHTS values: the transient dense copy of a 262k-token output table would be 670 MB.
 WIDE_ROWS = 32
 WIDE_MAX_WEIGHTS = 1 << 24

@@ -22,7 +22,6 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,10 +30,10 @@ from .convert import (CHUNK_BYTES, MODEL_BUILD_LOCK, UnsupportedModel, WeightPla
                       plan_weights, read_rows)
 from .gguf_file import GGUFHeader
 from .native_kernels import pack_nibbles
+from .progress import ProgressFn
 from .qlinear import GROUP, pack_int4
 from .quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
 
-ProgressFn = Callable[[float, str], None]
 EMBEDDING = "model.embed_tokens.weight"
 ROW_ALIGN = 64  # int4 rows packed together: torch packs blocks of rows, so chunks start on a multiple
 OUTPUT_NAMES = (EMBEDDING, "lm_head.weight")  # what may project the output (the embedding when tied)

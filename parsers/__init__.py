@@ -10,13 +10,14 @@ are imported by the parser that needs them, when it runs.
 """
 
 from .base import Document, ParseError, ParseLimits, UnsupportedFileType
-from .registry import is_supported, parse, supported_types
+from .registry import describe_supported, is_supported, parse, supported_types
 
 __all__ = [
     "Document",
     "ParseError",
     "ParseLimits",
     "UnsupportedFileType",
+    "describe_supported",
     "is_supported",
     "parse",
     "supported_types",

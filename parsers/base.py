@@ -75,14 +75,3 @@ class ParseLimits:
         if unknown:
             raise ValueError(f"unknown ParseLimits keys: {', '.join(sorted(unknown))}")
         return cls(**data)
-
-
-def human_size(n_bytes: float) -> str:
-    """Format a byte count for messages: 512 bytes, 3.2 KB, 50 MB."""
-    if n_bytes < 1024:
-        return f"{int(n_bytes)} bytes"
-    for unit in ("KB", "MB", "GB"):
-        n_bytes /= 1024
-        if n_bytes < 1024 or unit == "GB":
-            return f"{n_bytes:.1f} {unit}".replace(".0 ", " ")
-    raise AssertionError("unreachable")

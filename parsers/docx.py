@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import Document, ParseError, ParseLimits, human_size
+from units import format_bytes
+
+from .base import Document, ParseError, ParseLimits
 
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _MAIN_PART = "word/document.xml"
@@ -69,12 +71,12 @@ def check_sizes(members, limits: ParseLimits, name: str) -> None:
     total = sum(member.file_size for member in members)
     if total > limits.max_docx_uncompressed:
         raise ParseError(
-            f"'{name}' was refused: it would expand to {human_size(total)}, over the "
-            f"{human_size(limits.max_docx_uncompressed)} limit (possibly a zip bomb).")
+            f"'{name}' was refused: it would expand to {format_bytes(total)}, over the "
+            f"{format_bytes(limits.max_docx_uncompressed)} limit (possibly a zip bomb).")
     text_xml = sum(member.file_size for member in members if _TEXT_PARTS.fullmatch(member.filename))
     if text_xml > _XML_BYTES_PER_CHAR * limits.max_chars:
         raise ParseError(
-            f"'{name}' was refused: its text expands to {human_size(text_xml)} of XML, far more than a document "
+            f"'{name}' was refused: its text expands to {format_bytes(text_xml)} of XML, far more than a document "
             f"within the {limits.max_chars:,}-character limit takes (possibly a zip bomb).")
     for member in members:
         if (member.file_size > _RATIO_MIN_BYTES

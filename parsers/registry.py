@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from units import format_bytes
+
 from . import code, docx, pdf, text
-from .base import Document, ParseError, ParseLimits, UnsupportedFileType, human_size
+from .base import Document, ParseError, ParseLimits, UnsupportedFileType
 
 Parser = Callable[[Path, ParseLimits, str], Document]
 
@@ -63,7 +65,7 @@ def parser_for(name: str) -> Parser:
         return PARSERS[extension]
     kind = f"'{extension}'" if extension else "without an extension"
     raise UnsupportedFileType(
-        f"Unsupported file type {kind} ('{base}'). Supported: {describe_supported()}.")
+        f"Unsupported file type {kind} ('{base}'). {describe_supported()}")
 
 
 def check_file(path: Path, limits: ParseLimits, name: str) -> None:
@@ -80,8 +82,8 @@ def check_file(path: Path, limits: ParseLimits, name: str) -> None:
         raise ParseError(f"'{name}' is empty.")
     if stat.st_size > limits.max_bytes:
         raise ParseError(
-            f"'{name}' is too large ({human_size(stat.st_size)}); "
-            f"the limit is {human_size(limits.max_bytes)}.")
+            f"'{name}' is too large ({format_bytes(stat.st_size)}); "
+            f"the limit is {format_bytes(limits.max_bytes)}.")
     if not os.access(path, os.R_OK):
         raise ParseError(f"'{name}' could not be opened: permission denied.")
 
@@ -91,15 +93,15 @@ def supported_types() -> list[str]:
     return sorted(PARSERS) + sorted(FILENAME_PARSERS)
 
 
+COMMON_TYPES = (".pdf", ".docx", ".txt", ".md", ".csv", ".json", ".py", ".js", ".ts", ".java", ".c", ".cpp", ".rs",
+                ".go", ".html", "Dockerfile")
+
+
 def describe_supported() -> str:
-    """The supported types grouped for a person: documents, text, code, file names."""
-    groups = (
-        ("documents", [".pdf", ".docx"]),
-        ("text", sorted(text.EXTENSIONS)),
-        ("code", sorted(code.LANGUAGES)),
-        ("files named", sorted(FILENAME_PARSERS, key=str.lower)),
-    )
-    return "; ".join(f"{label} {' '.join(items)}" for label, items in groups)
+    """One sentence for error messages: the common file types we read, and how many more."""
+    types = supported_types()
+    common = [t for t in COMMON_TYPES if t in types]
+    return f"Supported: {', '.join(common)} and {len(types) - len(common)} more text and code types."
 
 
 def is_supported(name: str) -> bool:

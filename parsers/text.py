@@ -9,7 +9,9 @@ import codecs
 import re
 from pathlib import Path
 
-from .base import Document, ParseError, ParseLimits, human_size
+from units import format_bytes
+
+from .base import Document, ParseError, ParseLimits
 
 EXTENSIONS = (
     ".txt", ".text", ".md", ".markdown", ".rst", ".adoc", ".org",
@@ -64,7 +66,7 @@ def read_bytes(path: Path, limits: ParseLimits, name: str) -> bytes:
         data = f.read(limits.max_bytes + 1)
     if len(data) > limits.max_bytes:
         raise ParseError(
-            f"'{name}' is too large: the limit is {human_size(limits.max_bytes)}.")
+            f"'{name}' is too large: the limit is {format_bytes(limits.max_bytes)}.")
     if not data:
         raise ParseError(f"'{name}' is empty.")
     return data

@@ -1,4 +1,4 @@
-"""Split a document into labelled chunks that a model can cite.
+"""Split a document into labelled passages (chunks) that a model can cite.
 
 Chunks follow line boundaries (a line longer than a chunk is cut at spaces),
 never cross a PDF page, and carry a label such as ``[report.pdf, page 3]``
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 
 @dataclass
-class Chunk:
+class Passage:
     """One citable piece of a document, rendered with its label."""
 
     doc_index: int
@@ -94,14 +94,14 @@ def _lines_label(name: str, first: int, last: int) -> str:
 
 
 def chunk_document(doc_index: int, name: str, text: str, metadata: dict,
-                   max_chars: int) -> list[Chunk]:
+                   max_chars: int) -> list[Passage]:
     """Cut a document into chunks of at most ~``max_chars`` characters."""
     language = str(metadata.get("language") or "")
-    chunks: list[Chunk] = []
+    chunks: list[Passage] = []
 
     def add(label: str, body: str) -> None:
         if body.strip():
-            chunks.append(Chunk(doc_index, len(chunks), render(label, body, language), body))
+            chunks.append(Passage(doc_index, len(chunks), render(label, body, language), body))
 
     spans = page_spans(text, metadata)
     if spans:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bm25 import BM25, count_terms, tokenize
-from .chunking import Chunk, chunk_document, whole_pieces
+from .chunking import Passage, chunk_document, whole_pieces
 
 CHUNK_TOKENS = 200
 MIN_CHUNK_CHARS = 64
@@ -183,7 +183,7 @@ def _pick_documents(documents: list[ContextDocument], question: str, count_token
         else:
             large.append((i, doc_cost))
 
-    chunks: list[Chunk] = []
+    chunks: list[Passage] = []
     counted, costs = [], []
     for i, doc_cost in sorted(large):
         doc, entry = documents[i], entries[i]

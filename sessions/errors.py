@@ -18,8 +18,8 @@ class _NotFound(KeyError):
 class SessionNotFound(_NotFound):
     """No session with this id for this owner (someone else's is unknown too)."""
 
-    def __init__(self, sid: object):
-        super().__init__(f"Unknown session id: {sid}")
+    def __init__(self, session_id: object):
+        super().__init__(f"Unknown session id: {session_id}")
 
 
 class FileNotFound(_NotFound):

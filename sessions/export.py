@@ -12,24 +12,24 @@ EXPORT_VERSION = 1
 MAX_IMPORT_MESSAGES = 20_000
 
 
-def export_json(store, owner: str, sid: str) -> dict:
+def export_json(store, owner: str, session_id: str) -> dict:
     """Everything a session says: title, settings, messages (files are listed, not embedded)."""
-    session = store.get(owner, sid)
+    session = store.get(owner, session_id)
     return {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": time.time(),
         "session": {k: session.get(k) for k in ("title", "model_id", "system_prompt", "settings", "created_at")},
         "messages": [{k: m.get(k) for k in ("role", "content", "created_at", "model_id", "tokens")}
-                     for m in store.messages(owner, sid)],
-        "files": [{"name": f["name"], "state": f["state"]} for f in store.list_files(owner, sid)],
+                     for m in store.messages(owner, session_id)],
+        "files": [{"name": f["name"], "state": f["state"]} for f in store.list_files(owner, session_id)],
     }
 
 
-def export_markdown(store, owner: str, sid: str) -> str:
-    session = store.get(owner, sid)
+def export_markdown(store, owner: str, session_id: str) -> str:
+    session = store.get(owner, session_id)
     lines = [f"# {session['title']}", ""]
     if session.get("system_prompt"):
         lines += [f"> System: {session['system_prompt']}", ""]
-    for message in store.messages(owner, sid):
+    for message in store.messages(owner, session_id):
         who = {"user": "You", "assistant": "Assistant"}.get(message["role"], message["role"].title())
         model = f" ({message['model_id']})" if message.get("model_id") else ""
         lines += [f"**{who}{model}:**", "", message["content"], ""]

@@ -1,4 +1,4 @@
-"""Record shapes: what is stored and what callers get back (API.md)."""
+"""Record shapes: what is stored and what callers get back (README, "Gradio API")."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ MAX_ERROR_CHARS = 1000
 
 
 def public_session(rec: dict) -> dict:
-    """The API.md session record."""
+    """The session record of the README's Gradio API section."""
     return {key: rec[key] for key in SESSION_FIELDS}
 
 
@@ -28,7 +28,7 @@ def detailed_session(rec: dict) -> dict:
 
 
 def public_file(rec: dict) -> dict:
-    """The API.md file record (the stored file name stays internal)."""
+    """The file record of the README's Gradio API section (the stored file name stays internal)."""
     return {key: rec.get(key) for key in FILE_FIELDS}
 
 

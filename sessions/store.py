@@ -3,10 +3,10 @@
 Layout under ``data_dir/sessions``::
 
     index.json                  one record per session (owner, title, settings, ...)
-    <sid>/messages-000000.json  its messages, in segments (see sessions.messages)
-    <sid>/session.json          its file records
-    <sid>/files/                uploaded bytes, under random names
-    <sid>/parsed/<fid>.json     parsed text and metadata of each file
+    <session_id>/messages-000000.json  its messages, in segments (see sessions.messages)
+    <session_id>/session.json          its file records
+    <session_id>/files/                uploaded bytes, under random names
+    <session_id>/parsed/<fid>.json     parsed text and metadata of each file
 
 Every one of these is written whole and atomically (see
 :mod:`sessions.storage`). The index stays small, so listing sessions never
@@ -112,29 +112,29 @@ class SessionStore(FileMethods):
             docs.sort(key=lambda d: (d["updated_at"], d.doc_id), reverse=True)
             return [records.public_session(d) for d in docs]
 
-    def get(self, owner: str, sid: str) -> dict:
+    def get(self, owner: str, session_id: str) -> dict:
         """The session record plus ``system_prompt``, ``settings`` and ``owner``."""
         with self._lock:
-            self._require(owner, sid)
-            self._message_log(sid)  # opening it first corrects a stale count
-            return records.detailed_session(self._require(owner, sid))  # re-read
+            self._require(owner, session_id)
+            self._message_log(session_id)  # opening it first corrects a stale count
+            return records.detailed_session(self._require(owner, session_id))  # re-read
 
-    def owner_of(self, sid: str) -> str | None:
-        """Who owns ``sid``, or None if no such session."""
+    def owner_of(self, session_id: str) -> str | None:
+        """Who owns ``session_id``, or None if no such session."""
         with self._lock:
-            rec = self._find(sid)
+            rec = self._find(session_id)
             return rec["owner"] if rec else None
 
-    def rename(self, owner: str, sid: str, title: str) -> dict:
+    def rename(self, owner: str, session_id: str, title: str) -> dict:
         """Set the title (one line, trimmed, at most 200 characters)."""
         title = clean_title(title)
         if not title:
             raise ValueError("A session title cannot be empty.")
         with self._lock:
-            rec = self._require(owner, sid)
+            rec = self._require(owner, session_id)
             return records.public_session(self._touch(rec, title=title))
 
-    def update(self, owner: str, sid: str, *, model_id: str | None = None,
+    def update(self, owner: str, session_id: str, *, model_id: str | None = None,
                system_prompt: str | None = None, settings: dict | None = None) -> dict:
         """Change the model, system prompt or settings (``None`` leaves one as is)."""
         changes: dict = {}
@@ -145,38 +145,38 @@ class SessionStore(FileMethods):
         if settings is not None:
             changes["settings"] = records.check_settings(settings)
         with self._lock:
-            rec = self._require(owner, sid)
+            rec = self._require(owner, session_id)
             if changes:
                 rec = self._touch(rec, **changes)
             return records.detailed_session(rec)
 
-    def delete(self, owner: str, sid: str) -> None:
+    def delete(self, owner: str, session_id: str) -> None:
         """Remove the session, its messages, files and parsed text; then run ``on_delete``."""
         with self._lock:
-            rec = self._require(owner, sid)
-            self._close_session_db(sid)
-            trash = self._move_to_trash(sid)
+            rec = self._require(owner, session_id)
+            self._close_session_db(session_id)
+            trash = self._move_to_trash(session_id)
             self._sessions.remove(doc_ids=[rec.doc_id])
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         for hook in list(self.on_delete):
             try:
-                hook(sid)
+                hook(session_id)
             except Exception:  # the session is gone; one bad hook must not stop the rest
-                log.exception("on_delete hook %r failed for session %s", hook, sid)
+                log.exception("on_delete hook %r failed for session %s", hook, session_id)
 
     # --- messages -------------------------------------------------------
 
-    def add_message(self, owner: str, sid: str, role: str, content: str, **meta) -> dict:
+    def add_message(self, owner: str, session_id: str, role: str, content: str, **meta) -> dict:
         """Append a message; it is on disk when this returns.
 
         ``meta`` holds extra JSON fields (model_id, tokens, context_report, ...).
         The first user message names a session still called "New chat".
         """
         with self._lock:
-            rec = self._require(owner, sid)
+            rec = self._require(owner, session_id)
             msg = records.new_message(new_id(), role, content, self._now(), meta)
-            log_ = self._message_log(sid)
+            log_ = self._message_log(session_id)
             log_.append(msg)
             changes = {"message_count": len(log_)}
             if role == "user" and rec["title"] == DEFAULT_TITLE:
@@ -184,21 +184,21 @@ class SessionStore(FileMethods):
             self._touch(rec, when=msg["created_at"], **changes)
             return records.message_out(msg)
 
-    def messages(self, owner: str, sid: str) -> list[dict]:
+    def messages(self, owner: str, session_id: str) -> list[dict]:
         """All messages, oldest first."""
         with self._lock:
-            self._require(owner, sid)
-            return [records.message_out(d) for d in self._message_log(sid).all()]
+            self._require(owner, session_id)
+            return [records.message_out(d) for d in self._message_log(session_id).all()]
 
-    def history(self, owner: str, sid: str) -> list[dict]:
-        """``[{"role", "content"}]``, oldest first (API.md ``/history``)."""
-        return [{"role": m["role"], "content": m["content"]} for m in self.messages(owner, sid)]
+    def history(self, owner: str, session_id: str) -> list[dict]:
+        """``[{"role", "content"}]``, oldest first (README: the Gradio API's ``/history``)."""
+        return [{"role": m["role"], "content": m["content"]} for m in self.messages(owner, session_id)]
 
-    def delete_messages_from(self, owner: str, sid: str, message_id: str) -> int:
+    def delete_messages_from(self, owner: str, session_id: str, message_id: str) -> int:
         """Drop that message and every later one (to regenerate); return how many."""
         with self._lock:
-            rec = self._require(owner, sid)
-            log_ = self._message_log(sid)
+            rec = self._require(owner, session_id)
+            log_ = self._message_log(session_id)
             ids = [d["id"] for d in log_.all()]
             if message_id not in ids:
                 raise MessageNotFound(f"Unknown message id: {message_id}")
@@ -206,18 +206,18 @@ class SessionStore(FileMethods):
             self._touch(rec, message_count=len(log_))
             return removed
 
-    def clear_messages(self, owner: str, sid: str) -> None:
+    def clear_messages(self, owner: str, session_id: str) -> None:
         """Remove every message of the session (its files stay)."""
         with self._lock:
-            rec = self._require(owner, sid)
-            self._message_log(sid).truncate_from(0)
+            rec = self._require(owner, session_id)
+            self._message_log(session_id).truncate_from(0)
             self._touch(rec, message_count=0)
 
     def close(self) -> None:
         """Release open files (the store is unusable afterwards)."""
         with self._lock:
-            for sid in list(self._open):
-                self._close_session_db(sid)
+            for session_id in list(self._open):
+                self._close_session_db(session_id)
             self._index.close()
 
     # --- internals ------------------------------------------------------
@@ -228,16 +228,16 @@ class SessionStore(FileMethods):
         self._last_time = now
         return now
 
-    def _find(self, sid: str) -> Document | None:
-        if not is_valid_id(sid):
+    def _find(self, session_id: str) -> Document | None:
+        if not is_valid_id(session_id):
             return None
-        return self._sessions.get(where("id") == sid)
+        return self._sessions.get(where("id") == session_id)
 
-    def _require(self, owner: str, sid: str) -> Document:
+    def _require(self, owner: str, session_id: str) -> Document:
         """The session record, if ``owner`` owns it; else SessionNotFound."""
-        rec = self._find(sid)
+        rec = self._find(session_id)
         if rec is None or rec["owner"] != owner:
-            raise SessionNotFound(sid)
+            raise SessionNotFound(session_id)
         return rec
 
     def _touch(self, rec: Document, when: float | None = None, **changes) -> Document:
@@ -247,57 +247,57 @@ class SessionStore(FileMethods):
         rec.update(changes)
         return rec
 
-    def _session_dir(self, sid: str) -> Path:
-        if not is_valid_id(sid):  # never join an unchecked string into a path
-            raise SessionNotFound(sid)
-        return self.root / sid
+    def _session_dir(self, session_id: str) -> Path:
+        if not is_valid_id(session_id):  # never join an unchecked string into a path
+            raise SessionNotFound(session_id)
+        return self.root / session_id
 
-    def _opened(self, sid: str) -> _OpenSession:
+    def _opened(self, session_id: str) -> _OpenSession:
         """The session's open-file holder, kept in a small LRU."""
-        handle = self._open.get(sid)
+        handle = self._open.get(session_id)
         if handle is None:
-            self._session_dir(sid)  # validates the id before any path use
-            handle = self._open[sid] = _OpenSession()
+            self._session_dir(session_id)  # validates the id before any path use
+            handle = self._open[session_id] = _OpenSession()
             while len(self._open) > MAX_OPEN_SESSIONS:
                 self._open.popitem(last=False)[1].close()
-        self._open.move_to_end(sid)
+        self._open.move_to_end(session_id)
         return handle
 
-    def _session_db(self, sid: str, create: bool) -> TinyDB | None:
+    def _session_db(self, session_id: str, create: bool) -> TinyDB | None:
         """The session's file-records TinyDB; None if absent and not ``create``."""
-        handle = self._opened(sid)
+        handle = self._opened(session_id)
         if handle.db is None:
-            path = self._session_dir(sid) / SESSION_FILE
+            path = self._session_dir(session_id) / SESSION_FILE
             if not create and not path.exists():
                 return None
             path.parent.mkdir(parents=True, exist_ok=True)
             handle.db = open_db(path, session_migrations)
         return handle.db
 
-    def _message_log(self, sid: str) -> MessageLog:
-        handle = self._opened(sid)
+    def _message_log(self, session_id: str) -> MessageLog:
+        handle = self._opened(session_id)
         if handle.log is None:
-            handle.log = MessageLog(self._session_dir(sid))
-            self._sync_count(sid, len(handle.log))
+            handle.log = MessageLog(self._session_dir(session_id))
+            self._sync_count(session_id, len(handle.log))
         return handle.log
 
-    def _sync_count(self, sid: str, count: int) -> None:
+    def _sync_count(self, session_id: str, count: int) -> None:
         """Correct a stale ``message_count`` (a kill between the message and index writes)."""
-        rec = self._find(sid)
+        rec = self._find(session_id)
         if rec is not None and rec.get("message_count") != count:
             self._sessions.update({"message_count": count}, doc_ids=[rec.doc_id])
 
-    def _close_session_db(self, sid: str) -> None:
-        handle = self._open.pop(sid, None)
+    def _close_session_db(self, session_id: str) -> None:
+        handle = self._open.pop(session_id, None)
         if handle is not None:
             handle.close()
 
-    def _move_to_trash(self, sid: str) -> Path | None:
+    def _move_to_trash(self, session_id: str) -> Path | None:
         """Rename the session folder out of reach (atomic); the caller deletes it."""
-        folder = self._session_dir(sid)
+        folder = self._session_dir(session_id)
         if not folder.exists():
             return None
-        trash = self.root / f"{TRASH_PREFIX}{sid}"
+        trash = self.root / f"{TRASH_PREFIX}{session_id}"
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(folder, trash)
         fsync_dir(self.root)

@@ -1,4 +1,4 @@
-"""The Gradio API of API.md, end to end: a real app on a loopback port, driven by gradio_client.
+"""The Gradio API of the README, end to end: a real app on a loopback port, driven by gradio_client.
 
 One app serves the module (tiny random models, a small upload limit); a second one runs with
 --auth to check that users only ever see their own sessions.
@@ -448,8 +448,8 @@ def test_each_user_sees_only_their_own_sessions(auth_app, alice, bob, tmp_path):
     assert bob.predict(theirs["id"], api_name="/history") == bob_history
     assert [f["id"] for f in bob.predict(theirs["id"], api_name="/list_files")] == [bob_file["id"]]
     assert next(s for s in bob.predict(api_name="/list_sessions") if s["id"] == theirs["id"])["title"] == "Bob's chat"
-    assert auth_app.service.store.owner_of(theirs["id"]) == "bob"
-    assert auth_app.service.store.owner_of(mine["id"]) == "alice"
+    assert auth_app.service.session_owner(theirs["id"]) == "bob"
+    assert auth_app.service.session_owner(mine["id"]) == "alice"
 
 
 def test_last_reply_carries_the_context_report(client, session):

@@ -344,11 +344,11 @@ def test_unload_and_load_a_model_from_the_panel(page, running):
 
     page.locator("#unload-btn").click()
     expect_row(page, "#models-table", MODEL_ID, re.compile(r"\bunloaded\b"))
-    assert running.service.manager.record(MODEL_ID)["state"] == "unloaded"
+    assert running.service.model_record(MODEL_ID)["state"] == "unloaded"
 
     page.locator("#load-btn").click()
     expect_row(page, "#models-table", MODEL_ID, re.compile(r"\bloaded\b"), timeout=REPLY_MS)
-    assert running.service.manager.record(MODEL_ID)["state"] == "loaded"
+    assert running.service.model_record(MODEL_ID)["state"] == "loaded"
     shoot(page, "laptop-models")
 
 

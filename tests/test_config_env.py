@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from inference.config import ENVIRONMENT, AppConfig, build_parser, config_from_args, exposure_warning, log_level
+from inference.config import (ENVIRONMENT, AppConfig, build_parser, config_from_args, exposure_warning, log_level,
+                              parse_size)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -91,6 +92,12 @@ def test_help_states_each_default_once_and_its_variable():
     for wrong in ("(default: True)", "(default: False)", "(default: [])", "(default: None)"):
         assert wrong not in text
     assert "LOG_LEVEL" in text
+
+
+def test_the_upload_limit_help_states_is_the_one_used():
+    action = next(action for action in options() if action.dest == "max_upload")
+    stated = re.search(r"\(default: ([^;]+);", action.help).group(1)
+    assert parse_size(stated) == AppConfig().max_upload_bytes == config_from_args([], env={}).max_upload_bytes
 
 
 # ----- exposure ---------------------------------------------------------------------------------------------------

@@ -66,8 +66,8 @@ def test_model_lists_say_which_models_follow_instructions(app):
 def test_the_picker_and_the_models_tab_mark_base_models(app):
     labels = dict((model_id, label) for label, model_id in model_choices(app.service))
     assert "base model" in labels[DEFAULT_MODEL_ID] and "base model" not in labels[RECOMMENDED_MODEL_ID]
-    assert BASE_MODEL_NOTE in model_note(app.service.manager.record(DEFAULT_MODEL_ID))
-    assert BASE_MODEL_NOTE not in model_note(app.service.manager.record(RECOMMENDED_MODEL_ID))
+    assert BASE_MODEL_NOTE in model_note(app.service.model_record(DEFAULT_MODEL_ID))
+    assert BASE_MODEL_NOTE not in model_note(app.service.model_record(RECOMMENDED_MODEL_ID))
     rows = {row[0]: row for row in models_table(app.service)}
     assert BASE_MODEL_NOTE in rows[DEFAULT_MODEL_ID][2] and BASE_MODEL_NOTE not in rows[RECOMMENDED_MODEL_ID][2]
 

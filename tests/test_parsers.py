@@ -95,7 +95,7 @@ def test_whitespace_only_file_is_empty(tmp_path):
 @pytest.mark.parametrize("name", ["big.txt", "big.pdf", "big.docx", "big.py"])
 def test_file_over_the_size_limit(tmp_path, name):
     path = write(tmp_path, name, b"x" * 2048)
-    with pytest.raises(ParseError, match=r"too large \(2 KB\); the limit is 1 KB"):
+    with pytest.raises(ParseError, match=r"too large \(2.0 KiB\); the limit is 1.0 KiB"):
         parsers.parse(path, ParseLimits(max_bytes=1024))
 
 

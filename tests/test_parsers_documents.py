@@ -152,7 +152,7 @@ def test_docx_zip_bomb_is_refused_before_extraction(tmp_path):
     path = make_docx(tmp_path / "bomb.docx", ["Innocent text."])
     add_zeros_member(path, "word/media/image1.bin", 210 * 1024 * 1024)  # ~1 MB on disk
     assert path.stat().st_size < 2 * 1024 * 1024
-    with pytest.raises(ParseError, match="would expand to 210 MB, over the 200 MB limit.*zip bomb"):
+    with pytest.raises(ParseError, match="would expand to 210.0 MiB, over the 200.0 MiB limit.*zip bomb"):
         parsers.parse(path)
 
 
@@ -165,7 +165,7 @@ def test_docx_member_with_a_bomb_ratio_is_refused(tmp_path):
 
 def test_docx_uncompressed_limit_is_configurable(tmp_path):
     path = make_docx(tmp_path / "memo.docx", ["Body text " * 200])
-    with pytest.raises(ParseError, match="over the 1 KB limit"):
+    with pytest.raises(ParseError, match="over the 1.0 KiB limit"):
         parsers.parse(path, ParseLimits(max_docx_uncompressed=1024))
 
 

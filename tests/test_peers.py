@@ -25,7 +25,7 @@ def test_a_loaded_model_is_a_local_peer(lm):
     engine = Engine()
     peer = engine.peer(lm)
     assert isinstance(peer, LocalPeer)
-    assert peer.context_length == lm.context_length == engine.context_limits(lm)
+    assert peer.context_length == lm.context_length == engine.context_limit(lm)
     assert engine.token_counter(lm)("hello there") == lm.count_tokens("hello there")
     with pytest.raises(PromptTooLong):
         peer.prepare([{"role": "user", "content": "word " * 400}])
@@ -45,7 +45,7 @@ def test_a_remote_spec_is_a_remote_peer():
     engine = Engine()
     peer = engine.peer(spec)
     assert isinstance(peer, RemotePeer)
-    assert engine.context_limits(spec) == REMOTE_CONTEXT
+    assert engine.context_limit(spec) == REMOTE_CONTEXT
     assert engine.token_counter(spec)("abcdefgh") == approx_tokens("abcdefgh") == 2
     messages = [{"role": "user", "content": "hi"}]
     assert peer.prepare(messages) is messages  # sent as they are
