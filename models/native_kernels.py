@@ -1,4 +1,4 @@
-"""A small C kernel for int8 weights on AVX2 CPUs, built at run time and called through ctypes.
+"""Small C kernels for quantized weights on AVX2 CPUs, built at run time and called through ctypes.
 
 Where the CPU has no native bfloat16 (AVX2 only), torch's int8 and int4 weight kernels convert every
 weight to float before multiplying and are compute-bound: the 262,144 x 640 output table of Gemma 3
@@ -56,8 +56,9 @@ class Q8Kernels:
             raise RuntimeError("the built kernel's block size differs from this module's")
 
     @staticmethod
-    def supports(in_features: int) -> bool:
-        return in_features % BLOCK == 0
+    def supports(in_features: int, *weights: torch.Tensor) -> bool:
+        """Whether the kernels can read these weights: whole 32-value blocks, plain contiguous memory."""
+        return in_features % BLOCK == 0 and all(w.is_contiguous() and w.device.type == "cpu" for w in weights)
 
     def matmul(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x [m, k] float32 contiguous, q [n, k] int8 contiguous, scale [n] float32 -> [m, n] float32."""

@@ -97,7 +97,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("bias", bias)
-        usable = native is not None and nibbles is not None and native.supports(in_features)
+        usable = native is not None and nibbles is not None and native.supports(in_features, nibbles)
         self.native = native if usable else None
         if self.native is not None:
             self.register_buffer("nibbles", nibbles)
@@ -131,7 +131,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
-        self.native = native if native is not None and native.supports(in_features) else None
+        self.native = native if native is not None and native.supports(in_features, q) else None
         if self.native is not None:
             self.register_buffer("scale32", scale.float().contiguous(), persistent=False)
 

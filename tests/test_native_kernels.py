@@ -106,12 +106,15 @@ def test_int4_matches_a_float_reference(kernels, m):
     assert torch.equal(layer(wide), torch_only(wide))
 
 
-def test_odd_widths_keep_torch_kernels():
+def test_odd_widths_and_strided_weights_keep_torch_kernels():
     class Fake:
         supports = staticmethod(native_kernels.Q8Kernels.supports)
 
     layer = Int8Linear(40, 8, torch.zeros(8, 40, dtype=torch.int8), torch.ones(8, dtype=torch.bfloat16), native=Fake())
     assert layer.native is None  # 40 is not a multiple of the kernel's 32-value blocks
+    strided = torch.zeros(64, 16, dtype=torch.int8).t()  # [16, 64], not contiguous
+    layer = Int8Linear(64, 16, strided, torch.ones(16, dtype=torch.bfloat16), native=Fake())
+    assert layer.native is None  # the kernel reads rows as plain memory
 
 
 def test_no_compiler_means_torch_kernels(tmp_path, caplog):
