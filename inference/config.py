@@ -86,6 +86,7 @@ class AppConfig:
     max_tokens_limit: int = 4096
     max_upload_bytes: int = 50 * 1024 * 1024
     max_files_per_session: int = 50
+    max_sessions_per_user: int = 1000
     parse_timeout_s: float = 120.0
     parse_workers: int = 2
     max_context: int = 8192
@@ -173,6 +174,7 @@ ENVIRONMENT = {  # argparse dest -> (variable, parser)
     "max_prompt_chars": ("LLM_MAX_PROMPT_CHARS", int),
     "max_upload": ("LLM_MAX_UPLOAD", parse_size),
     "max_files": ("LLM_MAX_FILES", int),
+    "max_sessions": ("LLM_MAX_SESSIONS", int),
     "parse_timeout": ("LLM_PARSE_TIMEOUT", parse_duration),
     "batching": ("LLM_BATCHING", parse_bool),
     "prefix_cache": ("LLM_PREFIX_CACHE", parse_bool),
@@ -240,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--max-upload", dest="max_upload", type=parse_size, metavar="SIZE", default="50MiB",
            help="largest uploaded file")
     option("--max-files", dest="max_files", type=int, metavar="N", default="50", help="files per session")
+    option("--max-sessions", dest="max_sessions", type=int, metavar="N", default="1000",
+           help="chats each user may keep; a new one past it is refused until some are deleted")
     option("--parse-timeout", dest="parse_timeout", type=parse_duration, metavar="DURATION", default="120s",
            help="time limit to parse one file")
     option("--no-batching", dest="batching", action="store_false", env_form="=0",
@@ -297,6 +301,7 @@ def config_from_args(argv: list[str] | None = None, env=None) -> AppConfig:
         max_prompt_chars=max(1, pick("max_prompt_chars", default.max_prompt_chars)),
         max_upload_bytes=pick("max_upload", default.max_upload_bytes),
         max_files_per_session=max(1, pick("max_files", default.max_files_per_session)),
+        max_sessions_per_user=max(1, pick("max_sessions", default.max_sessions_per_user)),
         parse_timeout_s=parse_timeout or default.parse_timeout_s,
         max_context=max(256, pick("max_context", default.max_context)),
         batching=pick("batching", True), prefix_cache=pick("prefix_cache", True), weights=pick("weights", "auto"),

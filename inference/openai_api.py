@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes (`/v1/models`, `/v1/chat/completions`) and `/health`, as a FastAPI router.
+"""OpenAI-compatible routes (`/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`) and `/health`, as a FastAPI router.
 
 A request first takes its place in the engine's admission queue and waits for a generation slot on
 the event loop, holding no thread (a full queue is a 429). Once admitted, the engine's generator
@@ -99,11 +99,15 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             check_key(request)
         except APIError as error:
             return error.response()
-        data = [{"id": m["id"], "object": "model", "created": 0, "owned_by": "local" if m["kind"] == "local" else
-                 "remote", "name": m["name"], "state": m["state"], "architecture": m["architecture"],
-                 "quantization": m["quantization"], "context_length": m["context_length"], "instruct": m["instruct"]}
-                for m in service.list_models()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_model_object(m) for m in service.list_models()]}
+
+    @router.get("/v1/models/{model_id:path}")
+    def get_model(request: Request, model_id: str):
+        try:
+            check_key(request)
+            return _model_object(service.model_record(model_id))
+        except Exception as error:
+            return _as_api_error(error).response()
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -138,6 +142,7 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             return _EventStream(events, on_close=chunks.close_soon)
         return await _collect(request, chunks, first, completion_id, created, model_id)
 
+    add_unknown_route_answers(router)
     return router
 
 
@@ -343,6 +348,32 @@ def _session_stream(service, owner, session_id, model_id, messages, params, canc
                 yield Chunk(text=update.delta)
     finally:
         updates.close()  # closed early (the client left): the session keeps the partial reply
+
+
+def _model_object(record: dict) -> dict:
+    """A model record in OpenAI's model shape, with this server's fields beside it."""
+    return {"id": record["id"], "object": "model", "created": 0,
+            "owned_by": "local" if record["kind"] == "local" else "remote", "name": record["name"],
+            "state": record["state"], "architecture": record["architecture"], "quantization": record["quantization"],
+            "context_length": record["context_length"], "instruct": record["instruct"]}
+
+
+V1_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+
+
+def add_unknown_route_answers(router: APIRouter) -> None:
+    """Any other /v1 path or method answers in OpenAI's error shape (404 / 405), as OpenAI does, instead
+    of the web framework's own `{"detail": ...}`. Added last: the real routes match first."""
+
+    @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                      include_in_schema=False)
+    def unknown(request: Request, rest: str):
+        path = request.url.path
+        if path in V1_ROUTES:
+            allowed = V1_ROUTES[path]
+            return APIError(405, f"{request.method} is not allowed on {path}; use {allowed}",
+                            headers={"Allow": allowed}).response()
+        return APIError(404, f"Unknown request URL: {request.method} {path}", code="unknown_url").response()
 
 
 def _as_api_error(error: Exception) -> APIError:

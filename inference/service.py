@@ -64,7 +64,7 @@ class ChatService:
         self.engine = Engine(max_concurrent=config.max_concurrent_generations, max_queue=config.max_queue,
                              batching=config.batching,
                              prefix_cache_bytes=config.prefix_cache_bytes if config.prefix_cache else 0)
-        self.store = SessionStore(config.data_dir)
+        self.store = SessionStore(config.data_dir, max_sessions_per_owner=config.max_sessions_per_user)
         self.store.on_delete.append(self.engine.forget_session)
         self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits.for_uploads(
             config.max_upload_bytes, timeout_s=config.parse_timeout_s))

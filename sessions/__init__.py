@@ -5,12 +5,13 @@ importing it is instant.
 """
 
 from .context import ContextDocument, ContextResult, DocumentCache, assemble_context
-from .errors import FileNotFound, MessageNotFound, SessionNotFound, StoreError
+from .errors import FileNotFound, MessageNotFound, SessionNotFound, StoreError, TooManySessions
 from .names import LOCAL_USER
 from .session_context import session_context, session_documents
 from .store import SessionStore
 
 __all__ = [
+    "TooManySessions",
     "LOCAL_USER", "SessionStore", "SessionNotFound", "FileNotFound", "MessageNotFound",
     "StoreError", "assemble_context", "ContextDocument", "ContextResult", "DocumentCache",
     "session_context", "session_documents",

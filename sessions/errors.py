@@ -10,6 +10,10 @@ class StoreError(Exception):
     """The store cannot be used as asked (e.g. a file from a newer version)."""
 
 
+class TooManySessions(StoreError, ValueError):
+    """The owner already has as many sessions as the store allows."""
+
+
 class _NotFound(KeyError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

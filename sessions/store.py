@@ -33,7 +33,7 @@ from tinydb import TinyDB, where
 from tinydb.table import Document
 
 from . import records
-from .errors import MessageNotFound, SessionNotFound
+from .errors import MessageNotFound, SessionNotFound, TooManySessions
 from .files import FileMethods
 from .messages import MessageLog
 from .migrations import index_migrations, open_db, session_migrations
@@ -71,7 +71,8 @@ class SessionStore(FileMethods):
     (e.g. to drop cached model state for it).
     """
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, max_sessions_per_owner: int | None = None):
+        self.max_sessions_per_owner = max_sessions_per_owner  # None: no cap
         self.root = Path(data_dir) / "sessions"
         self.root.mkdir(parents=True, exist_ok=True)
         self.on_delete: list[Callable[[str], None]] = []
@@ -101,6 +102,10 @@ class SessionStore(FileMethods):
             "message_count": 0,
         }
         with self._lock:
+            cap = self.max_sessions_per_owner
+            if cap is not None and self._sessions.count(where("owner") == owner) >= cap:
+                raise TooManySessions(f"you have {cap:,} chats, the most this server keeps per user; "
+                                      "delete some to start new ones")
             rec["created_at"] = rec["updated_at"] = self._now()
             self._sessions.insert(rec)
         return records.public_session(rec)

@@ -53,3 +53,26 @@ def test_neutral_values_are_accepted(app):
                     parallel_tool_calls=True, metadata={"a": "b"}, store=False)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_one_model_by_id(app):
+    listed = httpx.get(f"{app.v1}/models", timeout=30).json()["data"]
+    one = httpx.get(f"{app.v1}/models/{MODEL}", timeout=30)
+    assert one.status_code == 200 and one.json() == next(m for m in listed if m["id"] == MODEL)
+    missing = httpx.get(f"{app.v1}/models/no-such-model", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("DELETE", "/chat/completions", 405),
+    ("GET", "/chat/completions", 405),
+    ("POST", "/embeddings", 404),
+    ("GET", "/no/such/route", 404),
+])
+def test_unknown_routes_and_methods_answer_in_openais_shape(app, method, path, status):
+    response = httpx.request(method, f"{app.v1}{path}", timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert {"message", "type", "param", "code"} <= set(error) and path in error["message"]
+    if status == 405:
+        assert response.headers["allow"] == "POST"

@@ -320,3 +320,17 @@ def test_concurrent_writers_lose_nothing(store):
     assert contents == {f"w{n}-{i}" for n in range(4) for i in range(15)}
     assert store.get(LOCAL_USER, sid)["message_count"] == 60
     json.loads((store.root / "index.json").read_text())
+
+
+def test_each_owner_keeps_at_most_the_session_cap(tmp_path):
+    from sessions import TooManySessions
+
+    store = SessionStore(tmp_path, max_sessions_per_owner=3)
+    for _ in range(3):
+        store.create("alice")
+    with pytest.raises(TooManySessions, match="3 chats"):
+        store.create("alice")
+    store.create("bob")  # the cap is per owner
+    store.delete("alice", store.list("alice")[0]["id"])
+    store.create("alice")  # room again after a delete
+    assert len(store.list("alice")) == 3
