@@ -42,8 +42,10 @@ def locked(tmp_path_factory, tiny_models, model_cache, bundled_model):
 def v1_routes(running) -> list[tuple[str, str]]:
     """Every /v1 route of the running app, as FastAPI's own schema lists them."""
     paths = running.server.config.app.openapi()["paths"]
-    routes = [(method.upper(), path) for path, methods in paths.items() if path.startswith("/v1") for method in methods]
+    routes = [(method.upper(), path.replace("{model_id}", MODEL)) for path, methods in paths.items()
+              if path.startswith("/v1") for method in methods]
     assert ("POST", "/v1/chat/completions") in routes and ("GET", "/v1/models") in routes
+    assert not any("{" in path for _, path in routes), routes  # every path parameter filled in
     return routes
 
 
