@@ -806,8 +806,21 @@ UPLOAD_ROUTES = ("/gradio_api/upload",)  # Gradio's upload route: the only one t
 def add_body_limits(app, config: AppConfig) -> None:
     """Every request body is bounded before it is read and before any login check: a few MiB (sized from
     --max-prompt-chars) everywhere, --max-upload on the upload route. A huge POST gets 413, not read."""
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes,
-                       larger={path: config.max_upload_body_bytes for path in UPLOAD_ROUTES})
+    app.add_middleware(BodySizeLimit, **_body_limit_options(config))
+
+
+def _body_limit_options(config: AppConfig) -> dict:
+    return {"max_bytes": config.max_body_bytes,
+            "larger": {path: config.max_upload_body_bytes for path in UPLOAD_ROUTES}}
+
+
+def shared_app_options(config: AppConfig) -> dict:
+    """What Gradio's own launcher (--share) builds its app with, so that app has the protections of
+    `create_app`'s: the body limits and the 404 for an unknown api_name."""
+    from starlette.middleware import Middleware
+
+    return {"middleware": [Middleware(BodySizeLimit, **_body_limit_options(config))],
+            "exception_handlers": {FnIndexInferError: _unknown_endpoint}}
 
 
 def _no_telemetry() -> None:
@@ -830,7 +843,7 @@ def serve_shared(service: ChatService) -> None:
     app, local_url, share_url = demo.launch(
         share=True, server_name=config.host, server_port=config.port, auth=config.auth or None, css=CSS,
         theme=gr.themes.Soft(), show_error=True, max_file_size=config.max_upload_bytes, prevent_thread_lock=True,
-        footer_links=["api"])
+        footer_links=["api"], app_kwargs=shared_app_options(config))
     app.router.routes[0:0] = create_router(service, config.api_key).routes
     log.info("serving on %s (public link: %s)", local_url, share_url)
     try:
