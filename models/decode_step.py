@@ -47,7 +47,7 @@ class DecodeStep:
         masks: dict = {}
         for index, (layer, window) in enumerate(self.layers):
             cos, sin = rotations[self.layer_types[index]]
-            attention_mask = self._mask(masks, mask, positions, window, cache, index)
+            attention_mask = self._mask(masks, mask, positions, window)
             x = self._layer(layer, x, cos, sin, cache, index, attention_mask, window)
         logits = self.head(self.norm(x))[:, -1]
         if self.softcap is not None:
@@ -86,7 +86,7 @@ class DecodeStep:
         return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
 
     @staticmethod
-    def _mask(masks: dict, mask, positions, window, cache, index: int):
+    def _mask(masks: dict, mask, positions, window):
         """The boolean attention mask [rows, 1, 1, length] of a padded batch (None when unpadded)."""
         if mask is None:
             return None

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
-from .decode_step import make_decode_step
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
+from .decode_step import make_decode_step
 from .gguf_file import GGUFHeader, read_header
 from .progress import ProgressFn
 from .quant_checkpoint import load_quantized_model
