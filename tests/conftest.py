@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny GGUF per architecture, written once per test run."""
     folder = tmp_path_factory.mktemp("tiny-models")
     return {arch: write_tiny_gguf(folder / f"tiny-{arch}.gguf", arch) for arch in ARCHS}
+
+
+@pytest.fixture
+def data_dir(tmp_path, tiny_models) -> Path:
+    """A data dir whose models/ holds copies of the three tiny GGUFs (ids tiny-llama, ...)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in tiny_models.values():
+        shutil.copy(path, models / path.name)
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -20,15 +20,6 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "http
 
 
 @pytest.fixture
-def data_dir(tmp_path, tiny_models):
-    models = tmp_path / "models"
-    models.mkdir()
-    for path in tiny_models.values():
-        shutil.copy(path, models / path.name)
-    return tmp_path
-
-
-@pytest.fixture
 def manager(data_dir, model_cache):
     mgr = ModelManager(Catalog(data_dir), model_cache, memory_budget=1 << 40, options=LoadOptions(dtype="float32"))
     yield mgr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import shutil
 import threading
 import time
 
@@ -24,16 +23,6 @@ RECORD_FIELDS = {"id", "name", "state", "architecture", "quantization", "file_si
 IDS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2", "gemma3": "tiny-gemma3"}
 GREEDY = GenerationParams(max_tokens=12, temperature=0.0)
 
-
-
-@pytest.fixture
-def data_dir(tmp_path, tiny_models):
-    """A data dir whose models/ holds copies of the three tiny GGUFs (ids tiny-llama, ...)."""
-    models = tmp_path / "models"
-    models.mkdir()
-    for path in tiny_models.values():
-        shutil.copy(path, models / path.name)
-    return tmp_path
 
 
 def make_manager(data_dir, model_cache, budget: int = 1 << 40, **kwargs) -> ModelManager:
