@@ -26,7 +26,7 @@ from inference.http_limits import BodySizeLimit
 from inference.service import ChatService, ServiceError
 from models.catalog import BASE_MODEL_NOTE
 from sessions import LOCAL_USER
-from units import format_bytes
+from parsers.units import format_bytes
 
 log = logging.getLogger("app")
 

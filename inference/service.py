@@ -23,7 +23,7 @@ from parsers import ParseError, ParseLimits, describe_supported, is_supported
 from parsers.pool import ParsePool
 from sessions import DocumentCache, SessionStore, session_context
 from sessions.export import export_json, export_markdown, import_json
-from units import format_bytes
+from parsers.units import format_bytes
 
 from .config import AppConfig, default_memory_budget
 from .engine import Busy, Engine

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from units import format_bytes
+from parsers.units import format_bytes
 
 from .catalog import Catalog, ModelSpec, check_file
 from .download import DownloadError, ensure_local

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from units import format_bytes
+from .units import format_bytes
 
 from .base import Document, ParseError, ParseLimits
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from units import format_bytes
+from .units import format_bytes
 
 from . import code, docx, pdf, text
 from .base import Document, ParseError, ParseLimits, UnsupportedFileType

@@ -9,7 +9,7 @@ import codecs
 import re
 from pathlib import Path
 
-from units import format_bytes
+from .units import format_bytes
 
 from .base import Document, ParseError, ParseLimits
 

@@ -15,7 +15,7 @@ from inference.params import GenerationParams
 from models.catalog import DEFAULT_MODEL_ID, HUB_MODELS, Catalog
 from models.loader import LoadedModel, LoadOptions, load_model
 from models.manager import ModelError, ModelManager, ModelTooLarge, UnknownModel
-from units import format_bytes
+from parsers.units import format_bytes
 
 F32 = LoadOptions(dtype="float32")
 RECORD_FIELDS = {"id", "name", "state", "architecture", "quantization", "file_size_bytes", "memory_bytes",

@@ -1,6 +1,7 @@
 """Byte counts for people: the one formatter every message and table uses.
 
-Standard library only, imported by `parsers`, `models`, `inference` and `app.py` alike.
+Standard library only, so `models`, `inference` and `app.py` use it too (importing `parsers` is
+instant); it lives here rather than beside app.py because the top level of the repository is fixed.
 """
 
 from __future__ import annotations
