@@ -22,7 +22,7 @@ from gradio import FileData
 from gradio.route_utils import FnIndexInferError
 
 from inference.config import AppConfig, config_from_args, exposure_warning, log_level
-from inference.http_limits import BodySizeLimit
+from inference.http import BodySizeLimit
 from inference.service import ChatService, ServiceError
 from models.catalog import BASE_MODEL_NOTE
 from sessions import LOCAL_USER
@@ -781,7 +781,7 @@ def create_app(service: ChatService):
     """FastAPI app: /health and /v1 beside the Gradio UI, on one port."""
     from fastapi import FastAPI
 
-    from inference.openai_api import create_router
+    from inference.http import create_router
 
     config = service.config
     _no_telemetry()
@@ -836,7 +836,7 @@ def _unknown_endpoint(request, error):
 
 def serve_shared(service: ChatService) -> None:
     """--share: Gradio's own launcher makes the public link; /health and /v1 join its app."""
-    from inference.openai_api import create_router
+    from inference.http import create_router
 
     config = service.config
     demo = queued_ui(service)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from inference.openai_api import APIError, _include_usage, _parse_request
+from inference.http.openai import APIError, _include_usage, _parse_request
 from inference.params import SETTINGS_KEYS, GenerationParams, InvalidParams, parse_settings, split_settings
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

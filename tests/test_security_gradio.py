@@ -105,7 +105,7 @@ def test_only_the_upload_route_takes_bodies_over_a_few_mib():
     import asyncio
 
     from inference.config import AppConfig
-    from inference.http_limits import BodySizeLimit
+    from inference.http import BodySizeLimit
 
     config = AppConfig(max_upload_bytes=50 * 10**6)
     assert config.max_body_bytes == 4 * 2**20 < 51 * 10**6 < config.max_upload_body_bytes

@@ -1,40 +1,31 @@
 """OpenAI-compatible routes (`/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`) and `/health`, as a FastAPI router.
 
-A request first takes its place in the engine's admission queue and waits for a generation slot on
-the event loop, holding no thread (a full queue is a 429). Once admitted, the engine's generator
-runs on the router's own worker threads, one chunk at a time, and its chunks go out as server-sent
-events (or one JSON body). The event loop watches the connection throughout: a client that leaves
-the queue gives its place up at once; one that leaves mid-reply sets the request's cancel event,
-and the decode loop drops it (and frees its slot) before the next token.
+Admission, the worker threads and the connection watch are `streams`'s; this module turns OpenAI's
+request into the engine's and the engine's chunks into server-sent events (or one JSON body).
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import json
 import logging
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from models.manager import ModelError, UnknownModel
 from sessions import LOCAL_USER, SessionNotFound
 
-from .engine import Admission, Busy
-from .generate import PromptTooLong
-from .params import GenerationParams, InvalidParams
+from ..engine import Busy
+from ..generate import PromptTooLong
+from ..params import GenerationParams, InvalidParams
+from .streams import ChunkSource, Disconnected, EventStream, bearer_ok, next_or_disconnect, start_generation, worker_pool
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 500
-DISCONNECT_POLL_S = 0.05  # how often a generating request checks that its client is still there
-QUEUE_POLL_S = 0.1  # how often a request queued for a slot checks that its client is still there
 
 _SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                     "top_p": "top_p", "top_k": "top_k", "stop": "stop", "seed": "seed",
@@ -72,20 +63,11 @@ class APIError(Exception):
 
 def create_router(service, api_key: str | None = None) -> APIRouter:
     config = service.config
-    # The blocking side of every admitted /v1 generation (each next chunk, then closing the stream) runs
-    # here, not in asyncio's default pool (6 threads on 2 cores) that the rest of the server shares.
-    # Requests waiting for a slot hold no thread, so room for each running generation's chunk and close
-    # (a finished one's close can still be on its way when the next one starts), and a few more.
-    workers = ThreadPoolExecutor(max_workers=2 * config.max_concurrent_generations + 8,
-                                 thread_name_prefix="v1-stream")
+    workers = worker_pool(config)
     router = APIRouter(on_shutdown=[lambda: workers.shutdown(wait=False, cancel_futures=False)])
 
     def check_key(request: Request) -> None:
-        if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if not bearer_ok(request, api_key):
             raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "invalid_api_key", code="invalid_api_key")
 
@@ -111,7 +93,6 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        admission, chunks = None, None
         try:
             check_key(request)
             body = await _read_json(request)
@@ -121,25 +102,17 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             session_id = request.headers.get("x-session-id")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(workers, service.model_record, model_id)  # unknown: 404 before queueing
-            admission = service.engine.gate.reserve()  # a full queue: Busy, a 429
-            await _admitted(request, admission, service.engine.gate.wait_timeout_s)
-            chunks = _open_stream(service, model_id, messages, params, session_id, owner, admission, workers)
-            # load errors surface here, as HTTP errors
-            first = await _next_or_disconnect(request, chunks, chunks.first)
-        except BaseException as error:
-            _abandon(chunks, admission)
-            if isinstance(error, _Disconnected):
-                return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-            if isinstance(error, Exception):  # a bug still answers in OpenAI's shape; details go to the log
-                return _as_api_error(error).response()
-            raise
+            chunks, first = await start_generation(request, service, model_id, messages, params, session_id,
+                                                   owner, workers)
+        except Disconnected:
+            return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+        except Exception as error:  # a bug still answers in OpenAI's shape; details go to the log
+            return _as_api_error(error).response()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
             events = _sse_events(request, chunks, first, completion_id, created, model_id, include_usage)
-            return _EventStream(events, on_close=chunks.close_soon)
+            return EventStream(events, on_close=chunks.close_soon)
         return await _collect(request, chunks, first, completion_id, created, model_id)
 
     add_unknown_route_answers(router)
@@ -221,135 +194,6 @@ def _include_usage(body: dict) -> bool:
     return bool(options.get("include_usage"))
 
 
-class _ChunkSource:
-    """Runs the engine's (blocking) generator on the router's worker threads, one chunk at a time."""
-
-    def __init__(self, iterator: Iterator, cancel: threading.Event, admission: Admission,
-                 workers: ThreadPoolExecutor):
-        self.iterator, self.cancel, self.admission, self.workers = iterator, cancel, admission, workers
-        self.lock = threading.Lock()
-        self._closing = False
-
-    def run(self, function: Callable):
-        """`function()` on a worker thread, awaitable."""
-        return asyncio.get_running_loop().run_in_executor(self.workers, function)
-
-    def first(self):
-        try:
-            return self.next()
-        except StopIteration:
-            return None
-        except Exception as error:
-            raise _as_api_error(error) from error
-
-    def next(self):
-        with self.lock:
-            return next(self.iterator)
-
-    def close_soon(self) -> None:
-        """Stop the generation (if it still runs) and close the stream on a worker thread.
-
-        Never awaited: a response that is being cancelled (its client left) cannot skip it. The slot
-        itself goes back when the decode loop drops the cancelled request, before its next token.
-        """
-        if self._closing:
-            return
-        self._closing = True
-        self.cancel.set()
-        self.workers.submit(self._close)
-
-    def _close(self) -> None:
-        try:
-            with self.lock:  # after the chunk in flight, if any: the decode loop ends it at the next token
-                close = getattr(self.iterator, "close", None)
-                if close:
-                    close()
-        except Exception:
-            log.exception("closing a /v1 stream failed")
-        finally:
-            self.admission.release()  # a stream that never reached the engine never took over its slot
-
-
-def _abandon(chunks: _ChunkSource | None, admission: Admission | None) -> None:
-    """Give up a request that gets no response body: stop and close its stream, or leave the queue."""
-    if chunks is not None:
-        chunks.close_soon()
-    elif admission is not None:
-        admission.release()
-
-
-def _open_stream(service, model_id, messages, params, session_id, owner, admission, workers) -> _ChunkSource:
-    cancel = threading.Event()
-    if session_id:
-        iterator = _session_stream(service, owner, session_id, model_id, messages, params, cancel, admission)
-    else:
-        iterator = service.complete(model_id, messages, params, cancel, admission=admission)
-    return _ChunkSource(iterator, cancel, admission, workers)
-
-
-async def _admitted(request: Request, admission: Admission, timeout_s: float) -> None:
-    """Wait on the event loop, holding no thread, until `admission` has its slot.
-
-    Raises `_Disconnected` if the client leaves meanwhile and `Busy` past `timeout_s`; either way the
-    place in the queue is given up at once.
-    """
-    loop = asyncio.get_running_loop()
-    granted = loop.create_future()
-    admission.on_grant(lambda: loop.call_soon_threadsafe(_resolve, granted))
-    deadline = loop.time() + timeout_s
-    while not granted.done():
-        await asyncio.wait({granted}, timeout=QUEUE_POLL_S)
-        if granted.done():
-            return
-        if await request.is_disconnected():
-            admission.release()
-            raise _Disconnected()
-        if loop.time() > deadline and admission.withdraw():
-            raise Busy.waited_too_long()
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events whose stream is closed however the response ends: finished, failed, or
-    cancelled because the client left (Starlette then cancels the response where it stands, which
-    may be before the events generator ever ran, so its own `finally` cannot be relied on)."""
-
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-def _session_stream(service, owner, session_id, model_id, messages, params, cancel, admission):
-    """Bind a /v1 request to a session: its last user message goes through the session's chat."""
-    from .generate import Chunk
-
-    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    settings = {k: v for k, v in params.to_dict().items() if v not in (None, [], ())}
-    updates = service.chat(owner, session_id, question, model_id, settings, cancel_event=cancel,
-                           admission=admission)
-    try:
-        for update in updates:
-            if update.done:
-                stats = update.stats
-                yield Chunk(text=update.delta, completion_tokens=stats.get("completion_tokens", 0),
-                            prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason)
-            elif update.delta:
-                yield Chunk(text=update.delta)
-    finally:
-        updates.close()  # closed early (the client left): the session keeps the partial reply
-
-
 def _model_object(record: dict) -> dict:
     """A model record in OpenAI's model shape, with this server's fields beside it."""
     return {"id": record["id"], "object": "model", "created": 0,
@@ -397,9 +241,9 @@ def _finish(chunk) -> str:
     return {"cancelled": "stop"}.get(chunk.finish_reason, chunk.finish_reason or "stop")
 
 
-async def _sse_events(request: Request, source: _ChunkSource, first, completion_id, created, model_id,
+async def _sse_events(request: Request, source: ChunkSource, first, completion_id, created, model_id,
                       include_usage) -> AsyncIterator[bytes]:
-    """The reply as server-sent events; `_EventStream` closes `source` however this ends."""
+    """The reply as server-sent events; `EventStream` closes `source` however this ends."""
     def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
@@ -420,9 +264,9 @@ async def _sse_events(request: Request, source: _ChunkSource, first, completion_
                                            "completion_tokens": chunk.completion_tokens,
                                            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens})
                 break
-            chunk = await _next_or_disconnect(request, source)
+            chunk = await next_or_disconnect(request, source)
         yield b"data: [DONE]\n\n"
-    except _Disconnected:
+    except Disconnected:
         log.info("client went away; generation %s cancelled", completion_id)
     except Exception as error:
         api_error = _as_api_error(error)
@@ -431,35 +275,7 @@ async def _sse_events(request: Request, source: _ChunkSource, first, completion_
         yield b"data: [DONE]\n\n"
 
 
-class _Disconnected(Exception):
-    pass
-
-
-async def _next_or_disconnect(request: Request, source: _ChunkSource, step: Callable | None = None):
-    """The next chunk (or `step()`'s result); if the client disconnects meanwhile, cancel the
-    generation and raise.
-
-    The connection is checked after every chunk as well as every 50 ms while waiting: a fast model
-    produces a token sooner than that, and a non-streaming request has no failed write to notice.
-    """
-    task = asyncio.ensure_future(source.run(step or (lambda: _next_or_none(source))))
-    while True:
-        finished, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if await request.is_disconnected():
-            source.cancel.set()
-            raise _Disconnected()
-        if finished:
-            return task.result()
-
-
-def _next_or_none(source: _ChunkSource):
-    try:
-        return source.next()
-    except StopIteration:
-        return None
-
-
-async def _collect(request, source: _ChunkSource, first, completion_id, created, model_id):
+async def _collect(request, source: ChunkSource, first, completion_id, created, model_id):
     text, chunk, last = "", first, first
     try:
         while chunk is not None:
@@ -467,8 +283,8 @@ async def _collect(request, source: _ChunkSource, first, completion_id, created,
             last = chunk
             if chunk.finish_reason is not None:
                 break
-            chunk = await _next_or_disconnect(request, source)
-    except _Disconnected:
+            chunk = await next_or_disconnect(request, source)
+    except Disconnected:
         return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
     except Exception as error:
         return _as_api_error(error).response()
