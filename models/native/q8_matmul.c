@@ -17,7 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#define BLOCK 32
+#include "q8.h"
 
 int q8_block(void) { return BLOCK; }
 
@@ -62,18 +62,32 @@ static inline float dot_row(const int8_t *w, const int8_t *q, const float *scale
   return sum8(acc);
 }
 
-/* x: [m, k] float32; w: [n, k] int8; wscale: [n] float32; xq: [m, k] and xscale: [m, k/32] scratch;
- * y: [m, n] float32. k must be a multiple of 32. */
-void q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *w, const float *wscale, int64_t n,
-               int8_t *xq, float *xscale, float *y, int threads) {
+/* x: [m, k] float32 -> xq [m, k] int8, xscale and xsum [m, k/32] (each block's scale and the sum of its
+ * int8 values). k must be a multiple of 32. */
+void quantize_rows(const float *x, int64_t m, int64_t k, int8_t *xq, float *xscale, float *xsum) {
   int64_t blocks = k / BLOCK;
-  for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks, 0);
+  for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks, xsum + i * blocks);
+}
+
+/* y [m, n] = quantized rows (xq, xscale) times w [n, k] int8 with one float scale per row. */
+void q8_multiply(const int8_t *xq, const float *xscale, int64_t m, int64_t k, const int8_t *w, const float *wscale,
+                 int64_t n, float *y, int threads) {
+  int64_t blocks = k / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < n; r++) {
     const int8_t *wr = w + r * k;
     for (int64_t i = 0; i < m; i++)
       y[i * n + r] = wscale[r] * dot_row(wr, xq + i * k, xscale + i * blocks, blocks);
   }
+}
+
+/* x: [m, k] float32; w: [n, k] int8; wscale: [n] float32; xq: [m, k] and xscale: [m, k/32] scratch;
+ * y: [m, n] float32. k must be a multiple of 32. */
+void q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *w, const float *wscale, int64_t n,
+               int8_t *xq, float *xscale, float *y, int threads) {
+  int64_t blocks = k / BLOCK;
+  for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks, 0);
+  q8_multiply(xq, xscale, m, k, w, wscale, n, y, threads);
 }
 
 /* sum_b xscale[b] * (scale[b] * dot(q, xq) + (zero[b] - 8 scale[b]) * xsum[b]); sz = float16 [scale, zero] pairs */
@@ -95,13 +109,10 @@ static inline float dot_row4(const uint8_t *w, const uint16_t *sz, const int8_t 
   return sum8(acc) + shift;
 }
 
-/* x: [m, k] float32; w: [n, k/2] packed nibbles; sz: [n, k/32, 2] float16 (scale, zero);
- * xq: [m, k], xscale and xsum: [m, k/32] scratch; y: [m, n] float32. */
-void q4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *sz, int64_t n,
-               int8_t *xq, float *xscale, float *xsum, float *y, int threads) {
+/* y [m, n] = quantized rows (xq, xscale, xsum) times 4-bit w [n, k/2] with sz [n, k/32, 2] float16. */
+void q4_multiply(const int8_t *xq, const float *xscale, const float *xsum, int64_t m, int64_t k, const uint8_t *w,
+                 const uint16_t *sz, int64_t n, float *y, int threads) {
   int64_t blocks = k / BLOCK;
-  for (int64_t i = 0; i < m; i++)
-    quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks, xsum + i * blocks);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < n; r++) {
     const uint8_t *wr = w + r * (k / 2);
@@ -109,6 +120,14 @@ void q4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, const uin
     for (int64_t i = 0; i < m; i++)
       y[i * n + r] = dot_row4(wr, szr, xq + i * k, xscale + i * blocks, xsum + i * blocks, blocks);
   }
+}
+
+/* x: [m, k] float32; w: [n, k/2] packed nibbles; sz: [n, k/32, 2] float16 (scale, zero);
+ * xq: [m, k], xscale and xsum: [m, k/32] scratch; y: [m, n] float32. */
+void q4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, const uint16_t *sz, int64_t n,
+               int8_t *xq, float *xscale, float *xsum, float *y, int threads) {
+  quantize_rows(x, m, k, xq, xscale, xsum);
+  q4_multiply(xq, xscale, xsum, m, k, w, sz, n, y, threads);
 }
 
 /* y = x / sqrt(mean(x^2) + eps) * weight, row by row (x, y: [rows, dim] float32; weight: [dim]).
