@@ -54,6 +54,8 @@ class Q8Kernels:
         self._lib.q4_matmul.restype = None
         self._lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
         self._lib.rms_norm.restype = None
+        self._lib.q4_dequantize.argtypes = [p, p, i64, i64, p, ctypes.c_int]
+        self._lib.q4_dequantize.restype = None
         self._lib.decode_layers.argtypes = [p, p, i64, p, i64, p, i64, p, p]
         self._lib.decode_layers.restype = ctypes.c_int
         if self._lib.q8_block() != BLOCK:
@@ -90,6 +92,14 @@ class Q8Kernels:
                             xscale.data_ptr(), xsum.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
+
+    def dequantize4(self, nibbles: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+        """The float32 [n, k] weights of `matmul4`'s (nibbles, scales_zeros)."""
+        n, k = nibbles.shape[0], nibbles.shape[1] * 2
+        out = torch.empty(n, k, dtype=torch.float32)
+        self._lib.q4_dequantize(nibbles.data_ptr(), scales_zeros.data_ptr(), n, k, out.data_ptr(),
+                                torch.get_num_threads())
+        return out
 
     def decode_layers(self, config: "LayerConfig", layers, x: torch.Tensor, start: torch.Tensor, length: int,
                       cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -181,3 +181,21 @@ void rms_norm(const float *x, const float *weight, float *y, int64_t rows, int64
     for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * inverse * weight[i];
   }
 }
+
+/* The 4-bit weights as float32: out [n, k] = scale * (q - 8) + zero, for products too wide for the
+ * int8-activation kernels (a prompt's prefill), which then run as one float matrix product. */
+void q4_dequantize(const uint8_t *w, const uint16_t *sz, int64_t n, int64_t k, float *out, int threads) {
+  int64_t blocks = k / BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < n; r++) {
+    for (int64_t b = 0; b < blocks; b++) {
+      const uint8_t *wb = w + r * (k / 2) + b * (BLOCK / 2);
+      float scale = _cvtsh_ss(sz[(r * blocks + b) * 2]), zero = _cvtsh_ss(sz[(r * blocks + b) * 2 + 1]);
+      float *o = out + r * k + b * BLOCK;
+      for (int j = 0; j < BLOCK / 2; j++) {
+        o[j] = scale * (float)((wb[j] & 15) - 8) + zero;
+        o[j + BLOCK / 2] = scale * (float)((wb[j] >> 4) - 8) + zero;
+      }
+    }
+  }
+}
