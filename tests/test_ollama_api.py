@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import time
 
 import httpx
 import ollama
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app_harness import app_config, counted_forwards, running_app, wait_until
 from sessions import LOCAL_USER
@@ -358,3 +361,56 @@ def test_busy_server_answers_429_with_retry_after(locked_app):
             right = ollama.Client(host=locked_app.url, timeout=30, headers=headers)
             refused(lambda: right.chat(model=MODEL, messages=HELLO), 429, "busy")
         wait_until(lambda: gate.running == 0, timeout=5, what="the held generation to end")
+
+
+# ----- fuzzed bodies ------------------------------------------------------------------------------------------
+ACCEPTABLE = {200, 400, 404, 429, 503}
+TRACEBACK = re.compile(r'Traceback|File "|line \d+, in |\w+Error\(')
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6)
+OPTION_NAMES = ["temperature", "top_p", "top_k", "num_predict", "stop", "seed", "repeat_penalty", "presence_penalty",
+                "frequency_penalty", "num_ctx", "mirostat", "num_thread"]
+MESSAGES = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "wizard"]) | JSON_VALUES,
+     "content": st.text(max_size=40) | JSON_VALUES},
+    optional={"images": JSON_VALUES, "tool_calls": JSON_VALUES}), max_size=3)
+BODIES = st.fixed_dictionaries(
+    {"model": st.sampled_from([MODEL, f"{MODEL}:latest", "no-such-model", ""]) | JSON_VALUES},
+    optional={"messages": MESSAGES | JSON_VALUES, "prompt": st.text(max_size=40) | JSON_VALUES,
+              "system": st.text(max_size=20) | JSON_VALUES, "raw": st.booleans() | JSON_VALUES,
+              "options": st.dictionaries(st.sampled_from(OPTION_NAMES), JSON_VALUES, max_size=4) | JSON_VALUES,
+              "format": JSON_VALUES, "tools": JSON_VALUES, "images": JSON_VALUES, "template": JSON_VALUES,
+              "think": JSON_VALUES, "stream": st.booleans() | JSON_VALUES, "suffix": JSON_VALUES})
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(tmp_path_factory, tiny_models, model_cache):
+    config = app_config(tmp_path_factory.mktemp("ollama-fuzz"), {"llama": tiny_models["llama"]}, model_cache,
+                        max_tokens_limit=8, max_prompt_chars=2000)
+    with running_app(config) as running:
+        running.service.load_model(MODEL)
+        yield running
+
+
+@pytest.mark.parametrize("route", ["chat", "generate", "show", "pull"])
+def test_fuzzed_bodies_get_a_clean_answer(fuzz_app, route):
+    """Hypothesis-built bodies: every answer is a status a client can act on, errors in Ollama's shape
+    without a traceback, and the app keeps serving."""
+    with httpx.Client(base_url=fuzz_app.url, timeout=60) as http:
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(body=BODIES)
+        def send(body):
+            response = http.post(f"/api/{route}", content=json.dumps(body).encode(),  # NaN and Infinity too
+                                 headers={"content-type": "application/json"})
+            assert response.status_code in ACCEPTABLE, (response.status_code, response.text[:300])
+            assert not TRACEBACK.search(response.text), response.text[:300]
+            lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+            assert lines, response.text[:300]
+            if response.status_code != 200:
+                assert isinstance(lines[0]["error"], str) and 0 < len(lines[0]["error"]) < 1000
+
+        send()
+        assert http.post("/api/chat", json={"model": MODEL, "messages": HELLO, "stream": False}).status_code == 200
+    assert fuzz_app.service.engine.gate.running == 0
