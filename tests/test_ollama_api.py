@@ -313,6 +313,10 @@ def test_pull_of_a_model_on_disk_succeeds_at_once(client):
     assert client.pull(MODEL).status == "success"
     statuses = [p.status for p in client.pull(f"{MODEL}:latest", stream=True)]
     assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    # a hub file already in models/ is found there, without asking the hub (the tests run offline)
+    hub_file = client._request_raw("POST", "/api/pull", json={"model": f"hf.co/someone/Repo-GGUF/{MODEL}.gguf",
+                                                              "stream": False}).json()
+    assert hub_file == {"status": "success", "model": MODEL}
 
 
 def test_pull_offline_or_unknown_fails_clearly(app, client):
