@@ -268,7 +268,7 @@ def test_keep_alive_loads_and_unloads(app, client):
     parts = list(client.chat(model=MODEL, messages=HELLO, options=GREEDY, stream=True, keep_alive=-1))
     assert parts[-1].done
     wait_until(lambda: app.service.model_record(MODEL)["pinned"], timeout=10, what="keep_alive=-1 to pin it")
-    assert client.ps().models[0].expires_at.year == 9999
+    assert next(m for m in client.ps().models if m.model == f"{MODEL}:latest").expires_at.year == 9999
     list(client.generate(model=MODEL, prompt="Hi", options=GREEDY, stream=True, keep_alive="0s"))
     wait_until(lambda: state() == "unloaded", timeout=10, what="keep_alive='0s' to unload the model")
     assert not app.service.model_record(MODEL)["pinned"]
