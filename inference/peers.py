@@ -25,8 +25,9 @@ class Peer(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def prepare(self, messages: list[dict]) -> object:
-        """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`)."""
+    def prepare(self, messages: list[dict] | str) -> object:
+        """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`); a
+        string is a raw prompt, given to the model as it is, without the chat template."""
 
     def stream(self, prepared: object, params: GenerationParams, cancel: threading.Event,
                session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
@@ -45,8 +46,11 @@ class LocalPeer:
     def count_tokens(self, text: str) -> int:
         return self.model.count_tokens(text)
 
-    def prepare(self, messages: list[dict]) -> list[int]:
-        prompt_ids = self.model.render_chat(messages)
+    def prepare(self, messages: list[dict] | str) -> list[int]:
+        if isinstance(messages, str):  # a raw prompt: the tokenizer's own special tokens (BOS) and the text
+            prompt_ids = self.model.tokenizer(messages, add_special_tokens=True)["input_ids"]
+        else:
+            prompt_ids = self.model.render_chat(messages)
         check_prompt(len(prompt_ids), self.context_length)
         return prompt_ids
 
@@ -69,7 +73,10 @@ class RemotePeer:
     def count_tokens(text: str) -> int:
         return approx_tokens(text)
 
-    def prepare(self, messages: list[dict]) -> list[dict]:
+    def prepare(self, messages: list[dict] | str) -> list[dict]:
+        if isinstance(messages, str):
+            raise ValueError(f"{self.spec.id} is a remote engine, which takes chat messages: a raw prompt "
+                             "needs a local model")
         return messages
 
     def stream(self, messages: list[dict], params: GenerationParams, cancel: threading.Event,

@@ -21,7 +21,12 @@ from typing import AsyncIterator, Callable, Iterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from models.manager import ModelError, UnknownModel
+from sessions import LOCAL_USER, SessionNotFound
+
 from ..engine import Admission, Busy
+from ..generate import PromptTooLong
+from ..params import InvalidParams
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,32 @@ def worker_pool(config) -> ThreadPoolExecutor:
     shares. Requests waiting for a slot hold no thread, so room for each running generation's chunk
     and close (a finished one's close can still be on its way when the next one starts), and a few more."""
     return ThreadPoolExecutor(max_workers=2 * config.max_concurrent_generations + 8, thread_name_prefix="gen-stream")
+
+
+def session_binding(request: Request, service, api_key: str | None) -> tuple[str | None, str]:
+    """`(session_id, owner)` of a request's `X-Session-Id` header (`(None, LOCAL_USER)` without one).
+
+    The HTTP APIs act for the local (no-login) user; behind an API key, the key holder may bind any
+    session by its id (the key is an operator's credential, SECURITY.md).
+    """
+    session_id = request.headers.get("x-session-id")
+    owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
+    return session_id, owner
+
+
+def error_status(error: BaseException) -> tuple[int, dict[str, str]] | None:
+    """The HTTP status (and headers) of what `start_generation` and a generation stream raise, the same
+    for every API: unknown model or session 404, busy 429 with Retry-After, model unavailable 503,
+    a bad prompt or setting 400. None for anything else (a bug: the caller answers 500 and logs it)."""
+    if isinstance(error, (UnknownModel, SessionNotFound)):
+        return 404, {}
+    if isinstance(error, Busy):
+        return 429, {"Retry-After": str(error.retry_after_s)}
+    if isinstance(error, ModelError):
+        return 503, {"Retry-After": "5"}
+    if isinstance(error, (PromptTooLong, InvalidParams, ValueError)):
+        return 400, {}
+    return None
 
 
 def bearer_ok(request: Request, api_key: str | None) -> bool:
@@ -122,6 +153,7 @@ def abandon(chunks: ChunkSource | None, admission: Admission | None) -> None:
 
 
 def open_stream(service, model_id, messages, params, session_id, owner, admission, workers) -> ChunkSource:
+    """`messages`: chat messages, or a string (a raw prompt, sent without the chat template)."""
     cancel = threading.Event()
     if session_id:
         iterator = session_stream(service, owner, session_id, model_id, messages, params, cancel, admission)
@@ -175,7 +207,7 @@ class EventStream(StreamingResponse):
 
 
 def session_stream(service, owner, session_id, model_id, messages, params, cancel, admission):
-    """Bind a /v1 request to a session: its last user message goes through the session's chat."""
+    """Bind an HTTP request to a session: its last user message goes through the session's chat."""
     from ..generate import Chunk
 
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -186,8 +218,10 @@ def session_stream(service, owner, session_id, model_id, messages, params, cance
         for update in updates:
             if update.done:
                 stats = update.stats
+                timings = {k: stats[k] for k in ("ttft_s", "total_s", "tokens_per_second") if k in stats}
                 yield Chunk(text=update.delta, completion_tokens=stats.get("completion_tokens", 0),
-                            prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason)
+                            prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason,
+                            timings=timings)
             elif update.delta:
                 yield Chunk(text=update.delta)
     finally:
