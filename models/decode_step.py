@@ -196,7 +196,8 @@ class NativeLayers:
                 or len(layers) < len(self.specs) or not all(hasattr(layer, "reserve") for layer in layers)):
             return False
         keys = layers[0].keys
-        if keys.dtype != torch.float32 or keys.shape[0] != rows:
+        if (keys.dtype != torch.float32 or keys.dim() != 4 or keys.shape[0] != rows
+                or keys.shape[1] != self.config.kv_heads or keys.shape[-1] != self.config.head_dim):
             return False
         length = keys.shape[-2]
         start = self._starts(mask, rows, length)
