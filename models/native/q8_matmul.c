@@ -76,6 +76,24 @@ void quantize_rows(const float *x, int64_t m, int64_t k, int8_t *xq, float *xsca
   for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xscale + i * blocks, xsum + i * blocks);
 }
 
+/* Four activation rows against one weight row: each weight block is loaded and made non-negative once
+ * (vpmaddubsw's unsigned side), and each row takes the weights' signs. out[i] = sum over blocks. */
+static inline void dot_rows4(const int8_t *w, const int8_t *q, int64_t k, const float *xscale, int64_t blocks,
+                             float out[4]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < blocks; b++) {
+    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
+    __m256i magnitude = _mm256_sign_epi8(wv, wv);
+    for (int i = 0; i < 4; i++) {
+      __m256i qv = _mm256_loadu_si256((const __m256i *)(q + i * k + b * BLOCK));
+      __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(qv, wv)), ones);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(xscale[i * blocks + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < 4; i++) out[i] = sum8(acc[i]);
+}
+
 /* y [m, n] = quantized rows (xq, xscale) times w [n, k] int8 with one float scale per row. */
 void q8_multiply(const int8_t *xq, const float *xscale, int64_t m, int64_t k, const int8_t *w, const float *wscale,
                  int64_t n, float *y, int threads) {
@@ -83,8 +101,13 @@ void q8_multiply(const int8_t *xq, const float *xscale, int64_t m, int64_t k, co
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < n; r++) {
     const int8_t *wr = w + r * k;
-    for (int64_t i = 0; i < m; i++)
-      y[i * n + r] = wscale[r] * dot_row(wr, xq + i * k, xscale + i * blocks, blocks);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      float out[4];
+      dot_rows4(wr, xq + i * k, k, xscale + i * blocks, blocks, out);
+      for (int j = 0; j < 4; j++) y[(i + j) * n + r] = wscale[r] * out[j];
+    }
+    for (; i < m; i++) y[i * n + r] = wscale[r] * dot_row(wr, xq + i * k, xscale + i * blocks, blocks);
   }
 }
 
@@ -147,6 +170,47 @@ static inline float dot_row4(const uint8_t *w, const uint16_t *sz, const int8_t 
   return sum8(_mm256_add_ps(acc, shift)) + tail;
 }
 
+/* dot_row4 for four activation rows at once: each group's nibbles unpacked and its scales converted once. */
+static inline void dot_rows4_q4(const uint8_t *w, const uint16_t *sz, const int8_t *q, int64_t k,
+                                const float *xscale, const float *xsum, int64_t blocks, float out[4]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[4], shift[4];
+  for (int i = 0; i < 4; i++) acc[i] = shift[i] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    __m256 scales, zeros;
+    scales_zeros8(sz + 2 * b, &scales, &zeros);
+    __m256 offsets = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scales, zeros);
+    __m256 factors[4];
+    for (int i = 0; i < 4; i++) {
+      __m256 xs = _mm256_loadu_ps(xscale + i * blocks + b);
+      factors[i] = _mm256_mul_ps(xs, scales);
+      shift[i] = _mm256_fmadd_ps(_mm256_mul_ps(xs, _mm256_loadu_ps(xsum + i * blocks + b)), offsets, shift[i]);
+    }
+    for (int j = 0; j < 8; j++) {
+      __m256i wv = nibbles32(w + (b + j) * BLOCK / 2);
+      __m256i lane = _mm256_set1_epi32(j);
+      for (int i = 0; i < 4; i++) {
+        __m256i qv = _mm256_loadu_si256((const __m256i *)(q + i * k + (b + j) * BLOCK));
+        __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, qv), ones);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_permutevar8x32_ps(factors[i], lane), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < 4; i++) {
+    float tail = 0.f;
+    __m256 rest = _mm256_setzero_ps();
+    for (int64_t t = b; t < blocks; t++) {
+      __m256i qv = _mm256_loadu_si256((const __m256i *)(q + i * k + t * BLOCK));
+      __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles32(w + t * BLOCK / 2), qv), ones);
+      float scale = _cvtsh_ss(sz[2 * t]), zero = _cvtsh_ss(sz[2 * t + 1]), xs = xscale[i * blocks + t];
+      rest = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(xs * scale), rest);
+      tail += xs * (zero - 8.f * scale) * xsum[i * blocks + t];
+    }
+    out[i] = sum8(_mm256_add_ps(_mm256_add_ps(acc[i], shift[i]), rest)) + tail;
+  }
+}
+
 /* y [m, n] = quantized rows (xq, xscale, xsum) times 4-bit w [n, k/2] with sz [n, k/32, 2] float16. */
 void q4_multiply(const int8_t *xq, const float *xscale, const float *xsum, int64_t m, int64_t k, const uint8_t *w,
                  const uint16_t *sz, int64_t n, float *y, int threads) {
@@ -155,7 +219,13 @@ void q4_multiply(const int8_t *xq, const float *xscale, const float *xsum, int64
   for (int64_t r = 0; r < n; r++) {
     const uint8_t *wr = w + r * (k / 2);
     const uint16_t *szr = sz + r * blocks * 2;
-    for (int64_t i = 0; i < m; i++)
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      float out[4];
+      dot_rows4_q4(wr, szr, xq + i * k, k, xscale + i * blocks, xsum + i * blocks, blocks, out);
+      for (int j = 0; j < 4; j++) y[(i + j) * n + r] = out[j];
+    }
+    for (; i < m; i++)
       y[i * n + r] = dot_row4(wr, szr, xq + i * k, xscale + i * blocks, xsum + i * blocks, blocks);
   }
 }
