@@ -22,7 +22,7 @@ from models.manager import ModelError, ModelManager
 from parsers import ParseError, ParseLimits, describe_supported, is_supported
 from parsers.pool import ParsePool
 from sessions import DocumentCache, SessionStore, session_context
-from sessions.export import export_json, export_markdown, import_json
+from sessions.export import ExportFiles, export_json, export_markdown, import_json
 from parsers.units import format_bytes
 
 from .config import AppConfig, default_memory_budget
@@ -71,6 +71,7 @@ class ChatService:
         self._cancels: dict[str, threading.Event] = {}
         self._cancels_lock = threading.Lock()
         self.documents = DocumentCache()  # token counts, chunks and BM25 terms per file and model, across turns
+        self.exports: ExportFiles | None = None  # set by keep_exports_in: where export files are handed out
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -94,6 +95,8 @@ class ChatService:
             log.warning("preloading %s failed: %s", self.config.default_model, error)
 
     def close(self) -> None:
+        if self.exports is not None:
+            self.exports.close()
         self.parse_pool.shutdown()
         self.manager.close()
 
@@ -188,6 +191,29 @@ class ChatService:
         if kind == "md":
             return export_markdown(self.store, owner, session_id)
         return json.dumps(export_json(self.store, owner, session_id), indent=2, ensure_ascii=False)
+
+    def keep_exports_in(self, folder: Path) -> None:
+        """Hand export files out from `folder` (the app's file route serves it): each goes with its session,
+        and after EXPORT_MAX_AGE_S on a timer. Only the first folder given counts."""
+        if self.exports is None:
+            self.exports = ExportFiles(folder)
+            self.store.on_delete.append(self.exports.forget_session)
+            self.exports.start_timer()
+
+    def export_file(self, owner: str, session_id: str, kind: str) -> Path:
+        """The session's export (`kind` as in `export_session`) as a file of its own, known with its owner."""
+        if self.exports is None:
+            raise ServiceError("exports are not set up (keep_exports_in)")
+        text = self.export_session(owner, session_id, kind)
+        return self.exports.write(owner, session_id.strip(), "chat.md" if kind == "md" else "chat.json", text)
+
+    def export_owner(self, path) -> str | None:
+        """Who may download the export at `path`; None for a path that is not a live export."""
+        return self.exports.owner_of(path) if self.exports is not None else None
+
+    def is_export_path(self, path) -> bool:
+        """True for any path in the export area: never a client's upload, whoever names it."""
+        return self.exports is not None and self.exports.holds(path)
 
     def import_session(self, owner: str, data: str | bytes) -> dict:
         """A new session from a JSON export; raises StoreError (a ValueError) if `data` is not one."""
