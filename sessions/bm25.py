@@ -31,43 +31,6 @@ def tokenize(text: str) -> list[str]:
     return terms
 
 
-def count_terms(corpus: list[list[str]]) -> list[tuple[Counter, int]]:
-    """(term counts, length) of each document: the part of a BM25 index that is per document."""
-    return [(Counter(doc), len(doc)) for doc in corpus]
-
-
-class BM25:
-    """Score a fixed corpus of token lists against queries."""
-
-    def __init__(self, corpus: list[list[str]], k1: float = 1.5, b: float = 0.75,
-                 counted: list[tuple[Counter, int]] | None = None):
-        """`counted`: the corpus as (term counts, length) per document, already counted (then `corpus`
-        is ignored): what a caller keeps per document between queries."""
-        self.k1, self.b = k1, b
-        counted = counted if counted is not None else count_terms(corpus)
-        self.freqs = [freq for freq, _ in counted]
-        self.lengths = [length for _, length in counted]
-        self.avg_length = (sum(self.lengths) / len(counted)) if counted else 0.0
-        df = Counter(term for freq in self.freqs for term in freq)
-        n = len(counted)
-        # The "+1" form of idf stays positive for terms in most documents.
-        self.idf = {t: math.log((n - d + 0.5) / (d + 0.5) + 1.0) for t, d in df.items()}
-
-    def scores(self, query: list[str]) -> list[float]:
-        """One score per corpus document; 0.0 where no query term occurs."""
-        terms = [t for t in dict.fromkeys(query) if t in self.idf]
-        out = []
-        for freq, length in zip(self.freqs, self.lengths):
-            norm = self.k1 * (1 - self.b + self.b * length / (self.avg_length or 1.0))
-            score = 0.0
-            for term in terms:
-                tf = freq.get(term, 0)
-                if tf:
-                    score += self.idf[term] * tf * (self.k1 + 1) / (tf + norm)
-            out.append(score)
-        return out
-
-
 class Postings:
     """The BM25 index of one document's chunks, kept between queries: for each term, the chunks it occurs in
     and how often, and each chunk's length, in arrays (compact, and nothing for the garbage collector to
@@ -90,8 +53,9 @@ class Postings:
 
 
 def bm25_scores(indexes: list[Postings], query: list[str], k1: float = 1.5, b: float = 0.75) -> list[float]:
-    """One score per chunk of `indexes` (in order, one document after the other), as :class:`BM25` scores
-    the same chunks as one corpus; the work grows with the chunks that hold a query term, not with all."""
+    """Okapi BM25: one score per chunk of `indexes` (in order, one document after the other), the chunks of
+    all of them taken as one corpus; 0.0 where no query term occurs. The work grows with the chunks that
+    hold a query term, not with all of them. The "+1" form of idf stays positive for terms in most chunks."""
     n = sum(len(index) for index in indexes)
     avg_length = (sum(index.total_length for index in indexes) / n) if n else 0.0
     scores = [0.0] * n

@@ -56,7 +56,7 @@ class ContextDocument:
 
 class DocumentCache:
     """What assembling a prompt computes per document and tokenizer, kept between turns: the document's
-    pieces and token cost, its chunks, their BM25 term counts and token costs. Without it every turn
+    pieces and token cost, its chunks, their BM25 postings and token costs. Without it every turn
     would tokenize each whole document again and re-index it.
 
     Entries are keyed by the caller's tokenizer key, the file id and the text's length (a file's text
