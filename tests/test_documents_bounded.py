@@ -3,13 +3,14 @@
 The text of one file is at most min(5,000,000, 4 x --max-upload) characters, and a session's ready files
 together at most twice that; past either, the file ends in a clear error state. What assembling a prompt
 computes per document (chunks, BM25 index, token counts) is done once, when the file is parsed, so a turn
-with a maximal document attached costs about what a turn without one does.
+with a maximal document attached costs about what a turn without one does, and allocates megabytes.
 """
 
 from __future__ import annotations
 
 import random
 import time
+import tracemalloc
 
 import pytest
 
@@ -110,6 +111,13 @@ def test_a_turn_with_a_maximal_document_costs_about_a_turn_without(make_service,
 
     times = [turn_seconds(service, with_doc["id"]) for _ in range(3)]
     assert max(times) < 5 * without + 1.0, (times, without)
+    tracemalloc.start()  # what a turn allocates in Python (reading the text back, ranking): megabytes, not GiB
+    try:
+        turn_seconds(service, with_doc["id"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * limit, f"{peak / 2**20:.0f} MiB for a turn"
     report = service.last_reply(LOCAL_USER, with_doc["id"])["context_report"]
     # ranked every turn (the tiny model's 256-token context may leave no room for a chunk of it)
     assert "maximal.txt" in report["files_left_out"] + [p["name"] for p in report["files_partial"]], report
