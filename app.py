@@ -11,7 +11,6 @@ import functools
 import inspect
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,11 +163,11 @@ def register_api(service: ChatService) -> None:
 
     @friendly
     def upload_file(session_id: str, file: FileData, request: gr.Request) -> dict:
-        path, name = _upload_path_and_name(file)
+        path, name = _upload_path_and_name(file, service)
         try:
             return service.upload_file(owner_of(request), session_id, path, name)
         finally:
-            _discard_gradio_copy(path)
+            _discard_gradio_copy(path, service)
 
     @friendly
     def list_files(session_id: str, request: gr.Request) -> list[dict]:
@@ -189,15 +188,16 @@ def register_api(service: ChatService) -> None:
     gr.api(chat, api_name="chat", concurrency_limit=chat_limit, concurrency_id="generation")
 
 
-def _upload_path_and_name(file) -> tuple[str, str]:
+def _upload_path_and_name(file, service: ChatService) -> tuple[str, str]:
     if isinstance(file, dict):
         path, name = file.get("path"), file.get("orig_name")
     elif isinstance(file, (str, Path)):
         path, name = str(file), None
     else:
         path, name = getattr(file, "path", None), getattr(file, "orig_name", None)
-    if not path or not _in_upload_folder(path):
-        # Only what Gradio's upload route wrote: a client names the path, and it may name any file on the server.
+    if not path or not _is_client_upload(path, service):
+        # Only what Gradio's upload route wrote: a client names the path, and it may name any file on the server
+        # (or someone's export, which lives in the same folder).
         raise ServiceError("no uploaded file was received; upload the file first (gradio_client's handle_file)")
     return path, name or Path(path).name
 
@@ -213,9 +213,14 @@ def _in_upload_folder(path) -> bool:
         return False
 
 
-def _discard_gradio_copy(path: str) -> None:
+def _is_client_upload(path, service: ChatService) -> bool:
+    """A file Gradio's upload route wrote: in its upload folder, and not an export the app wrote there."""
+    return bool(path) and _in_upload_folder(path) and not service.is_export_path(path)
+
+
+def _discard_gradio_copy(path: str, service: ChatService) -> None:
     """Gradio keeps uploads in its cache, served by its file route: ours live in the session folder."""
-    if not _in_upload_folder(path):  # never remove a file that Gradio's upload route did not write
+    if not _is_client_upload(path, service):  # never remove a file that Gradio's upload route did not write
         return
     try:
         Path(path).unlink(missing_ok=True)
@@ -661,11 +666,13 @@ def _wire_files(ui, service: ChatService) -> None:
         for upload in uploads or []:
             path = upload if isinstance(upload, str) else getattr(upload, "name", upload)
             try:
+                if not _is_client_upload(path, service):
+                    raise ServiceError("no uploaded file was received")
                 service.upload_file(owner, session_id, path, Path(path).name)
             except _EXPECTED as error:
                 problems.append(shorten(_message(error)))
             finally:
-                _discard_gradio_copy(path)
+                _discard_gradio_copy(path, service)
         if problems:
             gr.Warning("; ".join(problems))
         return None, files_table(service, owner, session_id), gr.update(
@@ -742,11 +749,9 @@ def _wire_models(ui, service: ChatService) -> None:
 def _wire_export(ui, service: ChatService) -> None:
     @friendly
     def export(session_id, kind, request: gr.Request):
-        owner = owner_of(request)
-        folder = Path(tempfile.mkdtemp(prefix="export-"))
-        path = folder / ("chat.md" if kind == "md" else "chat.json")
-        path.write_text(service.export_session(owner, session_id, kind), encoding="utf-8")
-        return str(path)
+        # A file of its own under a random folder in Gradio's cache, known with its owner: ExportGuard serves
+        # it to nobody else, an upload call cannot name it, and it goes with its session or after an hour.
+        return str(service.export_file(owner_of(request), session_id, kind))
 
     def on_export_md(session_id, request: gr.Request):
         return export(session_id, "md", request)
@@ -761,10 +766,61 @@ def _wire_export(ui, service: ChatService) -> None:
     def on_import(upload, request: gr.Request):
         owner = owner_of(request)
         path = upload if isinstance(upload, str) else upload.name
-        record = service.import_session(owner, Path(path).read_bytes())
+        if not _is_client_upload(path, service):
+            raise ServiceError("no uploaded file was received")
+        try:
+            record = service.import_session(owner, Path(path).read_bytes())
+        finally:
+            _discard_gradio_copy(path, service)
         return show_session(service, owner, record["id"])
 
     ui.import_btn.upload(on_import, [ui.import_btn], _session_view(ui), **PRIVATE)
+
+
+EXPORT_FOLDER = "exports"  # under Gradio's upload folder, which its file route serves
+
+
+def exports_folder() -> Path:
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()) / EXPORT_FOLDER
+
+
+class ExportGuard:
+    """Gradio's file route serves any file in its cache to any logged-in user who has the path. In front
+    of it, a path in the export area is served only to the export's owner; anyone else, and an export
+    that is gone, gets the 404 of a file that does not exist."""
+
+    FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")
+
+    def __init__(self, app, service: ChatService, gradio_app):
+        self.app, self.service, self.gradio_app = app, service, gradio_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            target = next((path[len(p):] for p in self.FILE_ROUTES if path.startswith(p)), None)
+            if target is not None and self.service.is_export_path(target):
+                owner = self.service.export_owner(target)
+                if owner is None or owner != self._user(scope):
+                    from starlette.responses import PlainTextResponse
+
+                    return await PlainTextResponse("File not found", status_code=404)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _user(self, scope) -> str | None:
+        """Who is logged in, as Gradio's own /gradio_api/user tells it (its session cookie)."""
+        from starlette.requests import HTTPConnection
+
+        gradio_app = self.gradio_app
+        if gradio_app is None:
+            return None
+        if getattr(gradio_app, "auth", None) is None and getattr(gradio_app, "auth_dependency", None) is None:
+            return LOCAL_USER
+        cookies = HTTPConnection(scope).cookies
+        cookie_id = getattr(gradio_app, "cookie_id", "")
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        return getattr(gradio_app, "tokens", {}).get(token)
 
 
 # ----- the server -------------------------------------------------------------------------------
@@ -796,7 +852,10 @@ def create_app(service: ChatService):
     demo.has_launched = True
     for gradio_app in mounted_gradio_apps(app):  # an unknown api_name is a 404, not an internal server error
         gradio_app.add_exception_handler(FnIndexInferError, _unknown_endpoint)
-    add_body_limits(app, config)
+    service.keep_exports_in(exports_folder())
+    gradio_apps = mounted_gradio_apps(app)
+    app.add_middleware(ExportGuard, service=service, gradio_app=gradio_apps[0] if gradio_apps else None)
+    add_body_limits(app, config)  # added last, so it runs first: nothing is read before it
     return app
 
 
@@ -814,15 +873,6 @@ def _body_limit_options(config: AppConfig) -> dict:
             "larger": {path: config.max_upload_body_bytes for path in UPLOAD_ROUTES}}
 
 
-def shared_app_options(config: AppConfig) -> dict:
-    """What Gradio's own launcher (--share) builds its app with, so that app has the protections of
-    `create_app`'s: the body limits and the 404 for an unknown api_name."""
-    from starlette.middleware import Middleware
-
-    return {"middleware": [Middleware(BodySizeLimit, **_body_limit_options(config))],
-            "exception_handlers": {FnIndexInferError: _unknown_endpoint}}
-
-
 def _no_telemetry() -> None:
     """A local app makes no calls home: Gradio's analytics and version check stay off unless asked for."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -832,24 +882,6 @@ def _unknown_endpoint(request, error):
     from fastapi.responses import JSONResponse
 
     return JSONResponse({"error": f"{str(error)[:200]}; see /gradio_api/info for the endpoints"}, status_code=404)
-
-
-def serve_shared(service: ChatService) -> None:
-    """--share: Gradio's own launcher makes the public link; /health and /v1 join its app."""
-    from inference.http import create_router
-
-    config = service.config
-    demo = queued_ui(service)
-    app, local_url, share_url = demo.launch(
-        share=True, server_name=config.host, server_port=config.port, auth=config.auth or None, css=CSS,
-        theme=gr.themes.Soft(), show_error=True, max_file_size=config.max_upload_bytes, prevent_thread_lock=True,
-        footer_links=["api"], app_kwargs=shared_app_options(config))
-    app.router.routes[0:0] = create_router(service, config.api_key).routes
-    log.info("serving on %s (public link: %s)", local_url, share_url)
-    try:
-        demo.block_thread()
-    finally:
-        service.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -862,14 +894,82 @@ def main(argv: list[str] | None = None) -> None:
     _no_telemetry()
     service = ChatService(config)
     service.start()
-    if config.share:
-        return serve_shared(service)
+    serve(service)
+
+
+def serve(service: ChatService, open_tunnel=None) -> None:
+    """Serve `create_app`'s app with `make_server` until Ctrl-C or SIGTERM, then close the service.
+
+    --share takes the same path: the same app (middleware, limits, handlers) on the same server, and once
+    it listens, Gradio's share tunnel to its port (`open_tunnel(host, port, demo)` returns the public URL;
+    tests pass their own, since the real one needs the internet).
+    """
+    config = service.config
     app = create_app(service)
+    server = make_server(app, config.host, config.port)
+    if config.share:
+        _share_when_started(server, app, config, open_tunnel or open_share_tunnel)
     log.info("serving on http://%s:%d", config.host, config.port)
     try:
-        make_server(app, config.host, config.port).run()
+        with _sigterm_ends_cleanly():
+            server.run()
     finally:
         service.close()
+        log.info("closed: the server stopped and the service shut down")
+
+
+@contextlib.contextmanager
+def _sigterm_ends_cleanly():
+    """uvicorn shuts down in order on SIGTERM, then raises the signal again for the handler it found: make
+    that handler end the process with status 0 through the `finally` blocks (the service's close), instead
+    of the default one that kills it on the spot."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_cleanly(signum, frame):
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, exit_cleanly)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _share_when_started(server, app, config: AppConfig, open_tunnel) -> None:
+    """Open the public link once `server` listens (on a thread: the server runs on this one)."""
+    import threading
+
+    def share():
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.should_exit:
+            return
+        demos = [gradio_app.get_blocks() for gradio_app in mounted_gradio_apps(app)]
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+        try:
+            url = open_tunnel(host, config.port, demos[0])
+        except Exception as error:  # no internet, a blocked download: the app keeps serving locally
+            log.error("could not create the share link (%s); serving locally only", error)
+            return
+        for demo in demos:
+            demo.share, demo.share_url = True, url
+        log.info("public link: %s", url)
+
+    threading.Thread(target=share, name="share-tunnel", daemon=True).start()
+
+
+def open_share_tunnel(host: str, port: int, demo) -> str:
+    """Gradio's share tunnel (its FRP client, downloaded once) to host:port; returns the public URL.
+    The tunnel closes when the process exits."""
+    from gradio import networking
+
+    return networking.setup_tunnel(local_host=host, local_port=port, share_token=demo.share_token,
+                                   share_server_address=None, share_server_tls_certificate=None)
 
 
 def make_server(app, host: str, port: int, **options):

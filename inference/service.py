@@ -22,8 +22,10 @@ from models.loader import LoadOptions, import_model_code
 from models.manager import ModelError, ModelManager
 from parsers import ParseError, ParseLimits, describe_supported, is_supported
 from parsers.pool import ParsePool
-from sessions import DocumentCache, SessionStore, session_context
-from sessions.export import export_json, export_markdown, import_json
+from sessions import (ContextDocument, DocumentCache, SessionStore, assemble_context, session_context,
+                      session_documents)
+from sessions.export import ExportFiles, export_json, export_markdown, import_json
+from sessions.files import TooMuchText
 from parsers.units import format_bytes
 
 from .config import AppConfig, default_memory_budget
@@ -33,6 +35,8 @@ from .params import GenerationParams, InvalidParams, parse_settings, split_setti
 from .peers import approx_tokens
 
 log = logging.getLogger(__name__)
+
+SESSION_TEXT_PER_FILE_LIMIT = 2  # a session's files together hold at most this many times one file's text limit
 
 
 class ServiceError(ValueError):
@@ -67,11 +71,14 @@ class ChatService:
                              prefix_cache_bytes=config.prefix_cache_bytes if config.prefix_cache else 0)
         self.store = SessionStore(config.data_dir, max_sessions_per_owner=config.max_sessions_per_user)
         self.store.on_delete.append(self.engine.forget_session)
-        self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=ParseLimits.for_uploads(
-            config.max_upload_bytes, timeout_s=config.parse_timeout_s))
+        limits = ParseLimits.for_uploads(config.max_upload_bytes, timeout_s=config.parse_timeout_s)
+        self.parse_pool = ParsePool(max_workers=config.parse_workers, limits=limits)
+        # The text of a session's ready files together: twice what one file may hold. Every turn reads it.
+        self.max_session_chars = SESSION_TEXT_PER_FILE_LIMIT * limits.max_chars
         self._cancels: dict[str, threading.Event] = {}
         self._cancels_lock = threading.Lock()
-        self.documents = DocumentCache()  # token counts, chunks and BM25 terms per file and model, across turns
+        self.documents = DocumentCache()  # token counts, chunks and BM25 postings per file and model, across turns
+        self.exports: ExportFiles | None = None  # set by keep_exports_in: where export files are handed out
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,6 +102,8 @@ class ChatService:
             log.warning("preloading %s failed: %s", self.config.default_model, error)
 
     def close(self) -> None:
+        if self.exports is not None:
+            self.exports.close()
         self.parse_pool.shutdown()
         self.manager.close()
 
@@ -257,6 +266,29 @@ class ChatService:
         if kind == "md":
             return export_markdown(self.store, owner, session_id)
         return json.dumps(export_json(self.store, owner, session_id), indent=2, ensure_ascii=False)
+
+    def keep_exports_in(self, folder: Path) -> None:
+        """Hand export files out from `folder` (the app's file route serves it): each goes with its session,
+        and after EXPORT_MAX_AGE_S on a timer. Only the first folder given counts."""
+        if self.exports is None:
+            self.exports = ExportFiles(folder)
+            self.store.on_delete.append(self.exports.forget_session)
+            self.exports.start_timer()
+
+    def export_file(self, owner: str, session_id: str, kind: str) -> Path:
+        """The session's export (`kind` as in `export_session`) as a file of its own, known with its owner."""
+        if self.exports is None:
+            raise ServiceError("exports are not set up (keep_exports_in)")
+        text = self.export_session(owner, session_id, kind)
+        return self.exports.write(owner, session_id.strip(), "chat.md" if kind == "md" else "chat.json", text)
+
+    def export_owner(self, path) -> str | None:
+        """Who may download the export at `path`; None for a path that is not a live export."""
+        return self.exports.owner_of(path) if self.exports is not None else None
+
+    def is_export_path(self, path) -> bool:
+        """True for any path in the export area: never a client's upload, whoever names it."""
+        return self.exports is not None and self.exports.holds(path)
 
     def import_session(self, owner: str, data: str | bytes) -> dict:
         """A new session from a JSON export; raises StoreError (a ValueError) if `data` is not one."""
@@ -444,11 +476,41 @@ class ChatService:
         try:
             if document is not None:
                 tokens = self._count_tokens_approx(document.text)
-                self.store.set_file_ready(owner, session_id, file_id, document.text, document.metadata, tokens)
+                files = self.store.list_files(owner, session_id)
+                others = sum(f["chars"] or 0 for f in files if f["state"] == "ready" and f["id"] != file_id)
+                if others + len(document.text) <= self.max_session_chars:  # else refused just below
+                    name = next((f["name"] for f in files if f["id"] == file_id), "")
+                    self._prepare_documents(owner, session_id, ContextDocument(file_id, name, document.text,
+                                                                               document.metadata))
+                try:
+                    self.store.set_file_ready(owner, session_id, file_id, document.text, document.metadata, tokens,
+                                              max_session_chars=self.max_session_chars)
+                except TooMuchText as too_much:
+                    self.store.set_file_error(owner, session_id, file_id, str(too_much))
+                    return
             else:
                 self.store.set_file_error(owner, session_id, file_id, error)
         except KeyError:
             pass  # the file or its session was removed while it parsed
+
+    def _prepare_documents(self, owner: str, session_id: str, document: ContextDocument) -> None:
+        """At parse time, before the file is ready, rather than at the next turn: what assembling a prompt
+        computes per document (chunks, their BM25 index, the token counts it needs) for the session's model,
+        when that model is loaded; kept in `documents` for the turns. (A model loaded later does this at
+        its first turn.)"""
+        try:
+            model_id = self.store.get(owner, session_id).get("model_id") or self.config.default_model
+            if self.manager.record(model_id)["state"] != "loaded":
+                return
+            with self.manager.use(model_id) as lm:
+                context = self.engine.context_limit(lm)
+                assemble_context(system_prompt="", documents=[*session_documents(self.store, owner, session_id),
+                                                              document],
+                                 history=[], question="?", count_tokens=self.engine.token_counter(lm),
+                                 context_limit=context, reply_budget=max(16, context // 4), cache=self.documents,
+                                 tokenizer_key=model_id)
+        except (KeyError, ValueError, ModelError) as error:  # gone meanwhile, or a failing model: the turn will say
+            log.debug("documents of session %s not prepared: %s", session_id, error)
 
     def _count_tokens_approx(self, text: str) -> int:
         """About four characters a token: the file list's estimate. Prompts are counted exactly, with the

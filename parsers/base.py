@@ -27,6 +27,9 @@ class Document:
     metadata: dict = field(default_factory=dict)
 
 
+TEXT_CHARS_PER_UPLOAD_BYTE = 4  # a file's text is at most this many characters per byte of --max-upload
+
+
 @dataclass(frozen=True)
 class ParseLimits:
     """What a parse may cost before it is refused."""
@@ -53,10 +56,17 @@ class ParseLimits:
 
     @classmethod
     def for_uploads(cls, max_bytes: int, **others) -> "ParseLimits":
-        """The limits for uploads of at most `max_bytes` (--max-upload): the .docx expansion cap follows
-        it (Word's XML deflates about 10:1, so 20x the largest upload, between 16 MiB and 200 MiB)."""
+        """The limits for uploads of at most `max_bytes` (--max-upload), which two of them follow:
+
+        - the text of one file: at most 4 characters per byte of the largest upload, and never more than
+          5,000,000 (`min(5,000,000, 4 x --max-upload)`): text and code give at most one character per byte,
+          a .docx or a PDF compresses its text 3-4:1, so only expansion beyond that is refused;
+        - the .docx expansion cap: Word's XML deflates about 10:1, so 20x the largest upload, between
+          16 MiB and 200 MiB.
+        """
         expansion = min(cls.max_docx_uncompressed, max(16 * 2**20, 20 * max_bytes))
-        return cls(max_bytes=max_bytes, max_docx_uncompressed=expansion, **others)
+        chars = min(cls.max_chars, TEXT_CHARS_PER_UPLOAD_BYTE * max_bytes)
+        return cls(max_bytes=max_bytes, max_docx_uncompressed=expansion, **{"max_chars": chars, **others})
 
     def to_dict(self) -> dict:
         """The limits as a plain dict (what travels to a worker process)."""

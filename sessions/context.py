@@ -15,17 +15,25 @@ turns are the ones dropped.
 
 from __future__ import annotations
 
-import dataclasses
+import bisect
+import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .bm25 import BM25, count_terms, tokenize
+from .bm25 import Postings, bm25_scores, tokenize
 from .chunking import Passage, chunk_document, whole_pieces
 
 CHUNK_TOKENS = 200
 MIN_CHUNK_CHARS = 64
+# A document longer than this many characters per token of the context window cannot go in whole with
+# any tokenizer we serve, so it is never tokenized whole: it is chunked at once, sized from a sample.
+MAX_CHARS_PER_TOKEN = 16
+SAMPLE_CHARS = 20_000
+# Ranking stops counting chunks after this many in a row did not fit what is left (each count tokenizes one
+# chunk; a document of millions of characters has tens of thousands of them).
+MAX_MISSES = 32
 DOCS_HEADER = ("Documents the user shared in this chat follow. When you use them, "
                "cite the label in square brackets.")
 
@@ -48,7 +56,7 @@ class ContextDocument:
 
 class DocumentCache:
     """What assembling a prompt computes per document and tokenizer, kept between turns: the document's
-    pieces and token cost, its chunks, their BM25 term counts and token costs. Without it every turn
+    pieces and token cost, its chunks, their BM25 postings and token costs. Without it every turn
     would tokenize each whole document again and re-index it.
 
     Entries are keyed by the caller's tokenizer key, the file id and the text's length (a file's text
@@ -120,7 +128,8 @@ def assemble_context(*, system_prompt: str, documents: list[ContextDocument],
     block_cost = count_tokens(DOCS_HEADER) + (0 if system_prompt else per_message_overhead)
     entries = [cache.entry(tokenizer_key, doc) if cache else {} for doc in documents]
     picks, chunk_totals = _pick_documents(documents, question, count_tokens,
-                                          int(left * doc_share) - block_cost, chunk_tokens, entries)
+                                          int(left * doc_share) - block_cost, chunk_tokens, entries,
+                                          max_whole_chars=context_limit * MAX_CHARS_PER_TOKEN)
     docs_cost = block_cost + sum(p.cost for p in picks) if any(p.pieces for p in picks) else 0
     turns = _group_turns(history)
     kept_from = _oldest_turn_that_fits(turns, cost, left - docs_cost)
@@ -159,59 +168,81 @@ def _too_long(question: str, system_prompt: str, count_tokens: CountTokens,
 
 
 def _pick_documents(documents: list[ContextDocument], question: str, count_tokens: CountTokens,
-                    budget: int, chunk_tokens: int, entries: list[dict]) -> tuple[list[_Pick], dict[int, int]]:
+                    budget: int, chunk_tokens: int, entries: list[dict],
+                    max_whole_chars: int) -> tuple[list[_Pick], dict[int, int]]:
     """Choose whole documents (smallest first) then the best chunks of the rest.
 
     Returns the picks in priority order and, per chunked document, its number
     of chunks. ``entries`` (one dict per document) keep what is computed per
-    document for the next call.
+    document for the next call. A document over ``max_whole_chars`` is chunked
+    without being tokenized whole.
     """
     sep = count_tokens("\n\n")
     picks: list[_Pick] = []
     whole: list[tuple[int, int, list[str]]] = []
+    large = []
     for i, doc in enumerate(documents):
         entry = entries[i]
-        if "pieces" not in entry:
-            entry["pieces"] = whole_pieces(doc.name, doc.text, doc.metadata or {})
-            entry["cost"] = sum(count_tokens(p) for p in entry["pieces"])
-        whole.append((entry["cost"] + sep * len(entry["pieces"]), i, entry["pieces"]))
-    large = []
+        if len(doc.text) > max_whole_chars:
+            large.append(i)
+            continue
+        if "whole" not in entry:
+            pieces = whole_pieces(doc.name, doc.text, doc.metadata or {})
+            entry["whole"] = (pieces, sum(count_tokens(p) for p in pieces))
+        pieces, cost = entry["whole"]
+        whole.append((cost + sep * len(pieces), i, pieces))
     for doc_cost, i, pieces in sorted(whole):
         if doc_cost <= budget:
             picks.append(_Pick(i, -1, pieces, doc_cost))
             budget -= doc_cost
         else:
-            large.append((i, doc_cost))
+            large.append(i)
 
-    chunks: list[Passage] = []
-    counted, costs = [], []
-    for i, doc_cost in sorted(large):
+    chunked = []  # per chunked document: (its index, chunks, BM25 postings, token costs)
+    for i in sorted(large):
         doc, entry = documents[i], entries[i]
-        chars_per_token = len(doc.text) / max(1, doc_cost)
-        max_chars = max(MIN_CHUNK_CHARS, int(chunk_tokens * chars_per_token))
-        if entry.get("chunk_chars") != max_chars:
-            entry["chunk_chars"] = max_chars
-            entry["chunks"] = chunk_document(i, doc.name, doc.text, doc.metadata or {}, max_chars)
-            entry["terms"] = count_terms([tokenize(c.body) for c in entry["chunks"]])
-            entry["chunk_costs"] = [None] * len(entry["chunks"])
-        if entry["chunks"] and entry["chunks"][0].doc_index != i:  # kept from a turn where it had another place
-            entry["chunks"] = [dataclasses.replace(chunk, doc_index=i) for chunk in entry["chunks"]]
-        chunks += entry["chunks"]
-        counted += entry["terms"]
-        costs += [(entry["chunk_costs"], index) for index in range(len(entry["chunks"]))]
-    chunk_totals = {i: sum(1 for c in chunks if c.doc_index == i) for i, _ in large}
-    if chunks:
-        scores = BM25([], counted=counted).scores(tokenize(question))
-        # Best score first; ties (e.g. no shared terms) in document order.
-        ranked = sorted(zip(scores, chunks, costs), key=lambda sc: (-sc[0], sc[1].doc_index, sc[1].index))
-        for _, chunk, (doc_costs, index) in ranked:
+        max_chars = max(MIN_CHUNK_CHARS, int(chunk_tokens * _chars_per_token(doc, entry, count_tokens)))
+        kept = entry.get("chunked")  # (chunk size, chunks, their BM25 postings, their token costs)
+        if kept is None or kept[0] != max_chars:
+            doc_chunks = chunk_document(i, doc.name, doc.text, doc.metadata or {}, max_chars)
+            kept = (max_chars, doc_chunks, Postings([tokenize(c.body) for c in doc_chunks]), [None] * len(doc_chunks))
+            entry["chunked"] = kept  # one assignment: a turn running meanwhile sees all of it or none
+        chunked.append((i, *kept[1:]))
+    chunk_totals = {i: len(doc_chunks) for i, doc_chunks, _, _ in chunked}
+    if chunked:
+        scores = bm25_scores([postings for _, _, postings, _ in chunked], tokenize(question))
+        # Best score first; ties (e.g. no shared terms) in document order (a stable sort keeps it).
+        order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+        starts = list(itertools.accumulate([0] + [len(doc_chunks) for _, doc_chunks, _, _ in chunked]))
+        misses = 0
+        for k in order:
+            slot = bisect.bisect_right(starts, k) - 1
+            i, doc_chunks, _, doc_costs = chunked[slot]
+            index = k - starts[slot]
+            chunk = doc_chunks[index]
             if doc_costs[index] is None:
                 doc_costs[index] = count_tokens(chunk.text)
             chunk_cost = doc_costs[index] + sep
             if chunk_cost <= budget:
-                picks.append(_Pick(chunk.doc_index, chunk.index, [chunk.text], chunk_cost))
+                picks.append(_Pick(i, chunk.index, [chunk.text], chunk_cost))
                 budget -= chunk_cost
+                misses = 0
+            else:
+                misses += 1
+                if misses >= MAX_MISSES:
+                    break
     return picks, chunk_totals
+
+
+def _chars_per_token(doc: ContextDocument, entry: dict, count_tokens: CountTokens) -> float:
+    """Characters per token of `doc`: measured on the whole text when it was tokenized whole, else on its
+    first SAMPLE_CHARS characters (kept in `entry`)."""
+    if "whole" in entry:
+        return len(doc.text) / max(1, entry["whole"][1])
+    if "sample_ratio" not in entry:
+        sample = doc.text[:SAMPLE_CHARS]
+        entry["sample_ratio"] = len(sample) / max(1, count_tokens(sample))
+    return entry["sample_ratio"]
 
 
 def _group_turns(history: list[dict]) -> list[list[dict]]:

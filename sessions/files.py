@@ -29,6 +29,10 @@ class TooManyFiles(ValueError):
     """The session already holds the most files it may."""
 
 
+class TooMuchText(ValueError):
+    """The session's ready files would hold more text than it may."""
+
+
 class FileMethods:
     """File operations; relies on the store's lock and session helpers."""
 
@@ -78,13 +82,26 @@ class FileMethods:
             return records.public_file(doc)
 
     def set_file_ready(self, owner: str, session_id: str, fid: str, text: str,
-                       metadata: dict, tokens: int) -> dict:
-        """Store the parsed text and metadata; the file becomes "ready"."""
+                       metadata: dict, tokens: int, max_session_chars: int | None = None) -> dict:
+        """Store the parsed text and metadata; the file becomes "ready".
+
+        With ``max_session_chars``, :class:`TooMuchText` is raised (and nothing stored) when the session's
+        other ready files and this text would together pass it; checked under the lock, so files that
+        finish parsing at once cannot overshoot.
+        """
         records.check_text(text, "Parsed text")
         records.require_json(metadata, "File metadata")
         payload = json.dumps({"text": text, "metadata": metadata}, ensure_ascii=False)
         with self._lock:
-            self._file_doc(owner, session_id, fid)
+            doc = self._file_doc(owner, session_id, fid)
+            if max_session_chars is not None:
+                others = sum(d.get("chars") or 0 for d in self._session_db(session_id, create=False).table("files")
+                             if d["state"] == "ready" and d["id"] != fid)
+                if others + len(text) > max_session_chars:
+                    raise TooMuchText(
+                        f"'{doc['name']}' holds {len(text):,} characters of text and this chat's other files "
+                        f"{others:,}; together they would pass the limit of {max_session_chars:,} characters "
+                        "per chat. Remove a file, or start a new chat for it.")
             path = self._parsed_path(session_id, fid)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, payload.encode("utf-8"))

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 
 from sessions import LOCAL_USER, ContextDocument, DocumentCache, SessionStore, assemble_context
-from sessions.bm25 import BM25, tokenize
+from sessions.bm25 import Postings, bm25_scores, tokenize
 from sessions.chunking import chunk_document, fence
-from sessions.context import DOCS_HEADER
+from sessions.context import DOCS_HEADER, MAX_CHARS_PER_TOKEN, SAMPLE_CHARS
 from sessions.session_context import session_context
 
 
@@ -136,22 +137,24 @@ def test_huge_document_is_chunked_and_best_chunk_retrieved():
 
 def test_a_document_is_tokenized_and_indexed_once_not_every_turn():
     """With a cache, the next turn tokenizes only what is new (the question, the chosen chunks), not the
-    whole document again, and assembles exactly the same prompt as without one."""
+    whole document again, and assembles exactly the same prompt as without one. (The context is wide enough
+    that the document might go in whole, so the first turn counts it whole.)"""
     text = numbered_code(5000, needle_line=3210)
     docs = [ContextDocument("f1", "big.py", text, {"language": "python"}),
             ContextDocument("f2", "small.txt", "A short note about widgets.")]
     tokenized: list[int] = []
+    CONTEXT = len(text) // MAX_CHARS_PER_TOKEN + 1000
 
     def counting(piece: str) -> int:
         tokenized.append(len(piece))
         return words(piece)
 
     cache = DocumentCache()
-    uncached = build(documents=docs, question="What does frobnicate_widget do?", context_limit=4096,
+    uncached = build(documents=docs, question="What does frobnicate_widget do?", context_limit=CONTEXT,
                      reply_budget=512)
     for question in ("What does frobnicate_widget do?", "And what does line 42 hold?"):
         tokenized.clear()
-        cached = build(documents=docs, question=question, context_limit=4096, reply_budget=512,
+        cached = build(documents=docs, question=question, context_limit=CONTEXT, reply_budget=512,
                        count_tokens=counting, cache=cache, tokenizer_key="model-a")
         first_turn = question.startswith("What")
         if first_turn:
@@ -159,18 +162,39 @@ def test_a_document_is_tokenized_and_indexed_once_not_every_turn():
             assert sum(tokenized) > len(text)  # the first turn reads the whole document
     assert sum(tokenized) < len(text) / 4  # a later turn does not
     tokenized.clear()
-    build(documents=docs[::-1], question="What does frobnicate_widget do?", context_limit=4096, reply_budget=512,
+    build(documents=docs[::-1], question="What does frobnicate_widget do?", context_limit=CONTEXT, reply_budget=512,
           count_tokens=counting, cache=cache, tokenizer_key="model-a")  # another order: the same entries
     assert sum(tokenized) < len(text) / 4
     tokenized.clear()
-    build(documents=docs, question="What does frobnicate_widget do?", context_limit=4096, reply_budget=512,
+    build(documents=docs, question="What does frobnicate_widget do?", context_limit=CONTEXT, reply_budget=512,
           count_tokens=counting, cache=cache, tokenizer_key="model-b")  # another tokenizer counts anew
     assert sum(tokenized) > len(text)
     cache.forget("f1")
     tokenized.clear()
-    build(documents=docs, question="x", context_limit=4096, reply_budget=512, count_tokens=counting,
+    build(documents=docs, question="x", context_limit=CONTEXT, reply_budget=512, count_tokens=counting,
           cache=cache, tokenizer_key="model-a")
     assert sum(tokenized) > len(text)
+
+
+def test_a_document_too_long_for_any_context_is_never_tokenized_whole():
+    """A document longer than MAX_CHARS_PER_TOKEN characters per token of the context cannot go in whole:
+    it is chunked at once (sized from a sample), only the chunks ranked are counted, and the best still wins."""
+    text = numbered_code(20_000, needle_line=13_579)
+    doc = ContextDocument("f1", "huge.py", text, {"language": "python"})
+    tokenized: list[int] = []
+
+    def counting(piece: str) -> int:
+        tokenized.append(len(piece))
+        return words(piece)
+
+    assert len(text) > 4096 * MAX_CHARS_PER_TOKEN
+    result = build(documents=[doc], question="What does frobnicate_widget do?", context_limit=4096,
+                   reply_budget=512, count_tokens=counting, cache=DocumentCache(), tokenizer_key="m")
+    assert sum(tokenized) < len(text) / 10 and max(tokenized) <= SAMPLE_CHARS
+    assert "frobnicate_widget" in result.messages[0]["content"]
+    assert cost(result.messages) <= 4096 - 512
+    (partial,) = result.report["files_partial"]
+    assert partial["name"] == "huge.py" and 0 < partial["chunks_used"] < partial["chunks_total"]
 
 
 def test_pdf_chunks_are_labelled_with_pages():
@@ -243,10 +267,10 @@ def test_tokenize_splits_identifiers():
 
 def test_bm25_prefers_rare_exact_terms():
     corpus = [tokenize(t) for t in ["the cat sat", "the dog sat", "the frobnicate cat", "the the the"]]
-    scores = BM25(corpus).scores(tokenize("frobnicate cat"))
+    scores = bm25_scores([Postings(corpus)], tokenize("frobnicate cat"))
     assert max(range(4), key=scores.__getitem__) == 2
     assert scores[1] == 0.0 and scores[3] == 0.0
-    assert BM25([]).scores(["x"]) == []
+    assert bm25_scores([Postings([])], ["x"]) == []
 
 
 def test_chunks_split_long_lines_and_label_ranges():
@@ -305,3 +329,28 @@ def test_session_context_excludes_the_stored_question(tmp_path):
     result = session_context(store, LOCAL_USER, sid, "second", count_tokens=words,
                              context_limit=500, reply_budget=50, before_message_id=q["id"])
     assert [m["content"] for m in result.messages] == ["first", "reply", "second"]
+
+
+def okapi_bm25(corpus: list[list[str]], query: list[str], k1: float = 1.5, b: float = 0.75) -> list[float]:
+    """The textbook formula, chunk by chunk, as the reference."""
+    n, avg = len(corpus), sum(map(len, corpus)) / len(corpus)
+    scores = []
+    for chunk in corpus:
+        score = 0.0
+        for term in dict.fromkeys(query):
+            df, tf = sum(term in other for other in corpus), chunk.count(term)
+            if df and tf:
+                idf = math.log((n - df + 0.5) / (df + 0.5) + 1.0)
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(chunk) / avg))
+        scores.append(score)
+    return scores
+
+
+def test_postings_score_exactly_as_bm25_over_the_same_chunks():
+    """The per-document indexes kept between turns, scored together, give BM25's scores over all chunks."""
+    docs = [["parse http header", "zebra river", "http http server"], ["river of zebra", "", "headerParser x"]]
+    corpus = [[tokenize(text) for text in doc] for doc in docs]
+    query = tokenize("zebra http header river nothing")
+    expected = okapi_bm25([chunk for doc in corpus for chunk in doc], query)
+    assert bm25_scores([Postings(doc) for doc in corpus], query) == expected
+    assert bm25_scores([], query) == [] and bm25_scores([Postings(corpus[0])], []) == [0.0] * 3

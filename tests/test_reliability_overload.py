@@ -18,8 +18,9 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from app_harness import app_config, counted_forwards, running_app, wait_until
+from app_harness import app_config, counted_forwards, gradio_call, running_app, wait_until
 from inference.engine import AdmissionGate, Busy, Cancelled
+from sessions import LOCAL_USER
 
 MODEL = "tiny-qwen2"
 RUNNING, QUEUED = 2, 4
@@ -122,6 +123,51 @@ def test_three_times_capacity_at_once_every_request_ends_cleanly(app):
     assert_nothing_left_behind(app)
     ask(app.v1, 999, False, results, timeout=30)  # the next request is served: no leftover holds a slot
     assert results[999][0] == "ok", results[999]
+    assert_nothing_left_behind(app)
+
+
+def chat_in_gradio(url: str, index, session_id: str, results: dict) -> None:
+    """results[index] = ("ok", text) for a whole reply through the Gradio API's /chat, ("busy", message) for
+    a clean refusal, else ("failed", why)."""
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            event, value = gradio_call(http, "chat", session_id, f"client {index}", MODEL,
+                                       '{"max_tokens": 8, "temperature": 0}')
+    except httpx.HTTPError as error:
+        results[index] = ("failed", repr(error))
+        return
+    if event == "complete" and value:
+        results[index] = ("ok", value)
+    elif event == "error" and "busy" in str(value).lower():
+        results[index] = ("busy", value)
+    else:
+        results[index] = ("failed", f"{event} {value}")
+
+
+def test_gradio_chats_and_v1_clients_at_three_times_capacity_share_one_queue(app):
+    """The same burst with a third of the clients on the Gradio API's /chat: every request of either API
+    ends with its reply or a clean busy within the bound, and afterwards both APIs answer at once."""
+    clients = 3 * (RUNNING + QUEUED)
+    sessions = [app.service.new_session(LOCAL_USER, title=f"burst {i}")["id"] for i in range(clients // 3 + 1)]
+    results: dict = {}
+    with counted_forwards(app.service, MODEL, delay_s=0.02):
+        threads = [threading.Thread(target=ask, args=(app.v1, i, i % 2 == 0, results))
+                   for i in range(clients - clients // 3)]
+        threads += [threading.Thread(target=chat_in_gradio, args=(app.url, ("gradio", i), sessions[i], results))
+                    for i in range(clients // 3)]
+        threads += [threading.Thread(target=leave_early, args=(app.v1, clients + i, results, 0.5))
+                    for i in range(QUEUED)]
+        run_all(threads, limit_s=120)
+    answers = {key: value for key, value in results.items() if not (isinstance(key, int) and key >= clients)}
+    assert len(answers) == clients
+    assert [value for value in answers.values() if value[0] not in ("ok", "busy")] == [], answers
+    assert any(kind == "ok" for key, (kind, _) in answers.items() if isinstance(key, tuple)), answers
+    assert_nothing_left_behind(app)
+    started = time.monotonic()
+    ask(app.v1, 1000, True, results, timeout=30)
+    chat_in_gradio(app.url, 1001, sessions[-1], results)
+    assert (results[1000][0], results[1001][0]) == ("ok", "ok"), (results[1000], results[1001])
+    assert time.monotonic() - started < 20  # served at once, not after some leftover times out
     assert_nothing_left_behind(app)
 
 
