@@ -74,7 +74,7 @@ def test_the_tunnel_opens_to_the_apps_own_port_once_it_listens(shared):
 
 def test_the_v1_warning_is_given_at_start(shared):
     text = shared["log"].read_text(errors="replace")
-    assert "a public share link without --api-key" in text and "/v1 routes" in text
+    assert "a public share link without --api-key" in text and "/v1 and /api routes" in text
 
 
 def test_large_bodies_are_refused_before_they_are_read_or_a_login_is_checked(shared):
