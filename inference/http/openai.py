@@ -38,8 +38,6 @@ _IGNORED_FIELDS = {"n", "user", "stream_options", "logit_bias", "model",
 # neutral value, which clients such as LangChain send by default) is refused with a 400 naming it,
 # never answered as if it had been honoured.
 _UNSUPPORTED_FIELDS = {
-    "logprobs": lambda value: value not in (None, False),
-    "top_logprobs": lambda value: value not in (None, 0),
     "tools": lambda value: value not in (None, []),
     "tool_choice": lambda value: value not in (None, "none", "auto"),
     "response_format": lambda value: value is not None and value != {"type": "text"},
@@ -100,6 +98,9 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             _check_length(messages, config.max_prompt_chars)
             include_usage = _include_usage(body)
             session_id = request.headers.get("x-session-id")
+            if session_id and params.logprobs is not None:
+                raise APIError(400, "'logprobs' is not available for a request bound to a session "
+                                    "(X-Session-Id)", param="logprobs")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             chunks, first = await start_generation(request, service, model_id, messages, params, session_id,
@@ -164,6 +165,7 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
             raise APIError(400, f"'{field}' is not supported by this server yet; send it without this field "
                                 f"(README lists the fields /v1 honours)", param=field)
     sampling = {target: body[source] for source, target in _SAMPLING_FIELDS.items() if body.get(source) is not None}
+    sampling["logprobs"] = _chat_logprobs(body)
     sampling.setdefault("temperature", 1.0)
     sampling.setdefault("top_p", 1.0)
     sampling.setdefault("top_k", 0)
@@ -175,6 +177,28 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", param="stream")
     return model_id, clean, params, stream
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's `logprobs` (true/false) and `top_logprobs` (0-20, only with logprobs) as the engine's
+    setting: None for none, else how many alternatives each token reports."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError(400, "'logprobs' must be true or false", param="logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise APIError(400, "'top_logprobs' must be a whole number from 0 to 20", param="top_logprobs")
+    if not wanted:
+        if top:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def _openai_logprobs(chunk) -> dict | None:
+    """A chunk's token logprobs as a chat choice's `logprobs` (None when the request did not ask)."""
+    if chunk is None or chunk.logprobs is None:
+        return None
+    return {"content": [entry.to_openai() for entry in chunk.logprobs], "refusal": None}
 
 
 def _check_length(messages: list[dict], max_chars: int) -> None:
@@ -244,9 +268,10 @@ def _finish(chunk) -> str:
 async def _sse_events(request: Request, source: ChunkSource, first, completion_id, created, model_id,
                       include_usage) -> AsyncIterator[bytes]:
     """The reply as server-sent events; `EventStream` closes `source` however this ends."""
-    def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+    def event(delta: dict, finish: str | None = None, usage: dict | None = None, logprobs: dict | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+                   "choices": [choice] if usage is None else []}
         if usage is not None:
             payload["usage"] = usage
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
@@ -255,8 +280,9 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
     try:
         yield event({"role": "assistant", "content": ""})
         while chunk is not None:
-            if chunk.text:
-                yield event({"content": chunk.text})
+            logprobs = _openai_logprobs(chunk)
+            if chunk.text or (logprobs and logprobs["content"]):
+                yield event({"content": chunk.text}, logprobs=logprobs)
             if chunk.finish_reason is not None:
                 yield event({}, _finish(chunk))
                 if include_usage:
@@ -276,11 +302,14 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
 
 
 async def _collect(request, source: ChunkSource, first, completion_id, created, model_id):
-    text, chunk, last = "", first, first
+    text, chunk, last, logprobs = "", first, first, None
     try:
         while chunk is not None:
             text += chunk.text
             last = chunk
+            if chunk.logprobs is not None:
+                logprobs = logprobs or {"content": [], "refusal": None}
+                logprobs["content"] += _openai_logprobs(chunk)["content"]
             if chunk.finish_reason is not None:
                 break
             chunk = await next_or_disconnect(request, source)
@@ -294,7 +323,7 @@ async def _collect(request, source: ChunkSource, first, completion_id, created, 
     completion_tokens = getattr(last, "completion_tokens", 0) if last else 0
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                      "finish_reason": _finish(last) if last else "stop"}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
