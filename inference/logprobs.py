@@ -4,8 +4,8 @@ The decode loop hands a request that asks the row's logits; `sampling.token_logp
 chosen token's log probability and the best alternatives' from the model's own distribution (the
 log-softmax of the raw logits, before penalties, temperature, top-k and top-p), and `TokenTexts`
 names each token as OpenAI does: its text and its exact UTF-8 bytes (a token that is only part of
-a character, such as one byte of an emoji, has bytes that do not decode alone; its text then shows
-U+FFFD).
+a character, such as one byte of an emoji, has bytes that do not decode alone; its text is then
+written `bytes:\\xf0\\x9f`, as OpenAI writes such tokens).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class TokenTexts:
         cached = self._cache.get(token_id)
         if cached is None:
             raw = self._bytes(token_id)
-            cached = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+            cached = self._cache[token_id] = (_text_of(raw), list(raw))
         return cached
 
     def _bytes(self, token_id: int) -> bytes:
@@ -71,6 +71,15 @@ class TokenTexts:
         if self._byte_level and all(char in self._alphabet for char in piece):
             return bytes(self._alphabet[char] for char in piece)
         return piece.replace("\u2581", " ").encode()  # sentencepiece writes a space as U+2581
+
+
+def _text_of(raw: bytes) -> str:
+    """A token's text; one that is only part of a character is written as its bytes, `bytes:\\xe2\\x80`,
+    as OpenAI writes such tokens."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
 
 def _is_byte_level(tokenizer) -> bool:

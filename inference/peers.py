@@ -10,7 +10,7 @@ import threading
 from typing import Callable, Iterator, Protocol
 
 from .generate import Chunk, check_prompt, stream_generate
-from .params import GenerationParams
+from .params import GenerationParams, InvalidParams
 
 REMOTE_CONTEXT = 8192  # assumed context of a remote engine, which does not tell us its own
 
@@ -27,6 +27,9 @@ class Peer(Protocol):
 
     def prepare(self, messages: list[dict]) -> object:
         """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`)."""
+
+    def prepare_text(self, prompt: str) -> object:
+        """Check and tokenize a raw text prompt (no chat format) for a plain continuation."""
 
     def stream(self, prepared: object, params: GenerationParams, cancel: threading.Event,
                session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
@@ -47,6 +50,16 @@ class LocalPeer:
 
     def prepare(self, messages: list[dict]) -> list[int]:
         prompt_ids = self.model.render_chat(messages)
+        check_prompt(len(prompt_ids), self.context_length)
+        return prompt_ids
+
+    def prepare_text(self, prompt: str) -> list[int]:
+        """The prompt's tokens as the model reads a document: with its BOS token where it has one."""
+        tokenizer = self.model.tokenizer
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if prompt_ids and eos is not None and prompt_ids[-1] == eos and len(prompt_ids) > 1:
+            prompt_ids = prompt_ids[:-1]  # a tokenizer that also appends EOS would end the text before it starts
         check_prompt(len(prompt_ids), self.context_length)
         return prompt_ids
 
@@ -71,6 +84,10 @@ class RemotePeer:
 
     def prepare(self, messages: list[dict]) -> list[dict]:
         return messages
+
+    def prepare_text(self, prompt: str) -> list[dict]:
+        raise InvalidParams(f"remote engine {self.spec.id!r} serves chats only: ask /v1/chat/completions, "
+                            "not /v1/completions")
 
     def stream(self, messages: list[dict], params: GenerationParams, cancel: threading.Event,
                session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:

@@ -404,6 +404,14 @@ class ChatService:
             yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event(),
                                                admission=admission)
 
+    def complete_text(self, model_id: str, prompt: str, params: GenerationParams,
+                      cancel: threading.Event | None = None, admission=None) -> Iterator[Chunk]:
+        """Stream the continuation of a raw text prompt, no chat format (OpenAI's /v1/completions)."""
+        if not model_id:
+            raise ServiceError("model is required")
+        with self.manager.use(model_id) as lm:
+            yield from self.engine.stream_prompt(lm, prompt, params, cancel or threading.Event(), admission=admission)
+
 
 def _required(value, name: str) -> str:
     if not isinstance(value, str) or not value.strip():

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes (`/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`) and `/health`, as a FastAPI router.
+"""OpenAI-compatible routes (`/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, and `/v1/completions`
+from `completions`) and `/health`, as a FastAPI router.
 
 Admission, the worker threads and the connection watch are `streams`'s; this module turns OpenAI's
 request into the engine's and the engine's chunks into server-sent events (or one JSON body).
@@ -116,6 +117,9 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             return EventStream(events, on_close=chunks.close_soon)
         return await _collect(request, chunks, first, completion_id, created, model_id)
 
+    from .completions import add_completions_route  # it builds on this module's helpers
+
+    add_completions_route(router, service, workers, check_key)
     add_unknown_route_answers(router)
     return router
 
@@ -226,7 +230,7 @@ def _model_object(record: dict) -> dict:
             "context_length": record["context_length"], "instruct": record["instruct"]}
 
 
-V1_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+V1_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
 
 def add_unknown_route_answers(router: APIRouter) -> None:

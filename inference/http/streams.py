@@ -45,9 +45,12 @@ def bearer_ok(request: Request, api_key: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-async def start_generation(request: Request, service, model_id: str, messages: list[dict], params,
-                           session_id: str | None, owner: str, workers: ThreadPoolExecutor):
+async def start_generation(request: Request, service, model_id: str, messages: list[dict] | None, params,
+                           session_id: str | None, owner: str, workers: ThreadPoolExecutor, *,
+                           prompt: str | None = None):
     """Queue for a slot (holding no thread), open the engine's stream and wait for its first chunk.
+
+    The generation answers chat `messages`, or continues the raw text `prompt` (no chat format, no session).
 
     Returns `(chunks, first)`; raises what went wrong (Busy, a model error, `Disconnected`...) after
     giving up the queue place or the stream.
@@ -58,7 +61,7 @@ async def start_generation(request: Request, service, model_id: str, messages: l
         await loop.run_in_executor(workers, service.model_record, model_id)  # unknown: 404 before queueing
         admission = service.engine.gate.reserve()  # a full queue: Busy, a 429
         await admitted(request, admission, service.engine.gate.wait_timeout_s)
-        chunks = open_stream(service, model_id, messages, params, session_id, owner, admission, workers)
+        chunks = open_stream(service, model_id, messages, params, session_id, owner, admission, workers, prompt)
         first = await next_or_disconnect(request, chunks, chunks.first)  # load errors surface here
         return chunks, first
     except BaseException:
@@ -121,9 +124,12 @@ def abandon(chunks: ChunkSource | None, admission: Admission | None) -> None:
         admission.release()
 
 
-def open_stream(service, model_id, messages, params, session_id, owner, admission, workers) -> ChunkSource:
+def open_stream(service, model_id, messages, params, session_id, owner, admission, workers,
+                prompt: str | None = None) -> ChunkSource:
     cancel = threading.Event()
-    if session_id:
+    if prompt is not None:
+        iterator = service.complete_text(model_id, prompt, params, cancel, admission=admission)
+    elif session_id:
         iterator = session_stream(service, owner, session_id, model_id, messages, params, cancel, admission)
     else:
         iterator = service.complete(model_id, messages, params, cancel, admission=admission)

@@ -1,0 +1,199 @@
+"""OpenAI's legacy text completions, `POST /v1/completions`: a raw prompt continued, no chat format.
+
+The same key check, body limit, admission, disconnect watch and error shapes as chat (`openai`,
+`streams`); only the request's fields and the response's shape differ. Logprobs come in the legacy
+form: `tokens`, `token_logprobs`, `top_logprobs` (a {token: logprob} object per token) and
+`text_offset` (each token's first character in the choice's text).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..params import MAX_TOP_LOGPROBS, GenerationParams, InvalidParams
+from .openai import APIError, _as_api_error, _finish, _include_usage, _read_json
+from .streams import ChunkSource, Disconnected, EventStream, next_or_disconnect, start_generation
+
+log = logging.getLogger(__name__)
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty")
+_OTHER_FIELDS = {"model", "prompt", "stream", "stream_options", "echo", "logprobs", "n", "best_of", "suffix",
+                 "logit_bias", "user"}
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this route
+
+
+def add_completions_route(router: APIRouter, service, workers, check_key) -> None:
+    config = service.config
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            check_key(request)
+            body = await _read_json(request)
+            model_id, prompt, params, stream, echo = parse_completion_request(body, config.max_tokens_limit)
+            if len(prompt) > config.max_prompt_chars:
+                raise APIError(400, f"the prompt is {len(prompt):,} characters; the limit is "
+                                    f"{config.max_prompt_chars:,}", param="prompt")
+            include_usage = _include_usage(body)
+            if request.headers.get("x-session-id"):
+                raise APIError(400, "/v1/completions continues a raw prompt and is not bound to sessions; "
+                                    "send X-Session-Id to /v1/chat/completions", param="X-Session-Id")
+            chunks, first = await start_generation(request, service, model_id, None, params, None, "", workers,
+                                                   prompt=prompt)
+        except Disconnected:
+            return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+        except Exception as error:
+            return _as_api_error(error).response()
+        reply = _Reply(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model_id, prompt if echo else "",
+                       params.logprobs)
+        if stream:
+            return EventStream(_sse_events(request, chunks, first, reply, include_usage), on_close=chunks.close_soon)
+        return await _collect(request, chunks, first, reply)
+
+
+def parse_completion_request(body: dict, max_tokens_limit: int) -> tuple[str, str, GenerationParams, bool, bool]:
+    """(model id, prompt, parameters, stream, echo) from a /v1/completions body; a 400 naming the field
+    for anything it cannot honour."""
+    model_id = body.get("model")
+    if not isinstance(model_id, str) or not model_id:
+        raise APIError(400, "'model' is required and must be a string", param="model")
+    prompt = _prompt(body.get("prompt"))
+    unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - _OTHER_FIELDS)
+    if unknown:
+        log.info("ignoring unsupported fields: %s", ", ".join(unknown))
+    for field, neutral in (("n", (None, 1)), ("best_of", (None, 1)), ("suffix", (None, "")), ("logit_bias", (None, {}))):
+        if body.get(field) not in neutral:
+            raise APIError(400, f"'{field}' is not supported by this server on /v1/completions; send it without "
+                                f"this field (README lists the fields honoured)", param=field)
+    echo, stream = body.get("echo", False), body.get("stream", False)
+    for field, value in (("echo", echo), ("stream", stream)):
+        if not isinstance(value, bool):
+            raise APIError(400, f"'{field}' must be true or false", param=field)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise APIError(400, f"'logprobs' must be a whole number from 0 to {MAX_TOP_LOGPROBS}", param="logprobs")
+    if echo and logprobs is not None:
+        raise APIError(400, "'echo' with 'logprobs' would need the prompt's logprobs, which this server does "
+                            "not compute; ask for one of them", param="echo")
+    sampling = {name: body[name] for name in _SAMPLING_FIELDS if body.get(name) is not None}
+    sampling = {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0, **sampling,
+                "logprobs": logprobs}
+    try:
+        params = GenerationParams.from_dict(sampling, max_tokens_limit=max_tokens_limit)
+    except (InvalidParams, TypeError) as error:
+        raise APIError(400, str(error), param=str(error).split(":")[0]) from None
+    return model_id, prompt, params, stream, echo
+
+
+def _prompt(prompt) -> str:
+    """The one text prompt: a string, or a list holding one string."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
+        raise APIError(400, "'prompt': one prompt per request on this server; send the others as separate "
+                            "requests", param="prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise APIError(400, "'prompt' must be a non-empty string (token-id prompts are not supported)",
+                       param="prompt")
+    return prompt
+
+
+class _Reply:
+    """One completion's identity and its legacy logprobs, kept as its chunks arrive."""
+
+    def __init__(self, completion_id: str, created: int, model_id: str, echoed: str, logprobs: int | None):
+        self.id, self.created, self.model, self.echoed = completion_id, created, model_id, echoed
+        self.wants_logprobs = logprobs is not None
+        self._chars = len(echoed)  # whole characters so far in the choice's text (text_offset's count)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def logprobs(self, chunk) -> dict | None:
+        """The chunk's tokens in the legacy logprobs shape; None when the request did not ask."""
+        if not self.wants_logprobs:
+            return None
+        part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for entry in getattr(chunk, "logprobs", None) or []:
+            part["tokens"].append(entry.token)
+            part["token_logprobs"].append(entry.logprob)
+            part["top_logprobs"].append({alt.token: alt.logprob for alt in entry.top})
+            part["text_offset"].append(self._offset(bytes(entry.bytes)))
+        return part
+
+    def _offset(self, raw: bytes) -> int:
+        """Where a token with bytes `raw` starts in the text: a token that completes a character starts
+        where that character does; bytes that turn out not to be UTF-8 count as the U+FFFD they show as."""
+        held = self._utf8.getstate()[0]
+        out = self._utf8.decode(raw)
+        invalidated = bool(held) and out.startswith("\ufffd")
+        start = self._chars + (len(held.decode("utf-8", "replace")) if invalidated else 0)
+        self._chars += len(out)
+        return start
+
+    def payload(self, text: str, finish: str | None, logprobs: dict | None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def _usage(chunk) -> dict:
+    prompt, completion = getattr(chunk, "prompt_tokens", 0), getattr(chunk, "completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _sse_events(request: Request, source: ChunkSource, first, reply: _Reply,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+    """The completion as server-sent events; `EventStream` closes `source` however this ends."""
+    def event(payload: dict) -> bytes:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+    chunk = first
+    try:
+        if reply.echoed:
+            yield event(reply.payload(reply.echoed, None, None))
+        while chunk is not None:
+            finish = _finish(chunk) if chunk.finish_reason is not None else None
+            if chunk.text or chunk.logprobs or finish:
+                yield event(reply.payload(chunk.text, finish, reply.logprobs(chunk)))
+            if finish:
+                if include_usage:
+                    yield event({**reply.payload("", None, None), "choices": [], "usage": _usage(chunk)})
+                break
+            chunk = await next_or_disconnect(request, source)
+        yield b"data: [DONE]\n\n"
+    except Disconnected:
+        log.info("client went away; completion %s cancelled", reply.id)
+    except Exception as error:
+        api_error = _as_api_error(error)
+        yield event({"error": {"message": api_error.message, "type": api_error.kind, "code": api_error.code}})
+        yield b"data: [DONE]\n\n"
+
+
+async def _collect(request: Request, source: ChunkSource, first, reply: _Reply):
+    text, chunk, last = reply.echoed, first, first
+    logprobs = reply.logprobs(None) if reply.wants_logprobs else None
+    try:
+        while chunk is not None:
+            text += chunk.text
+            last = chunk
+            if logprobs is not None:
+                for key, values in reply.logprobs(chunk).items():
+                    logprobs[key] += values
+            if chunk.finish_reason is not None:
+                break
+            chunk = await next_or_disconnect(request, source)
+    except Disconnected:
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    except Exception as error:
+        return _as_api_error(error).response()
+    finally:
+        source.close_soon()
+    return {**reply.payload(text, _finish(last) if last else "stop", logprobs), "usage": _usage(last)}
