@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from app_harness import app_config, running_app
+from app_harness import app_config, running_app, wait_until
 
 MODEL = "tiny-llama"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -19,7 +19,7 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_models, model_cache):
-    config = app_config(tmp_path_factory.mktemp("v1-completions"), tiny_models, model_cache)
+    config = app_config(tmp_path_factory.mktemp("v1-completions"), tiny_models, model_cache, kernels="torch")
     with running_app(config) as running:
         yield running
 
@@ -94,6 +94,53 @@ def test_chat_logprobs_with_a_session_are_refused(app):
     response = httpx.post(f"{app.v1}/chat/completions", headers={"X-Session-Id": "abc"}, timeout=30,
                           json={"model": MODEL, "messages": HELLO, "logprobs": True})
     assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+
+
+# ----- n > 1 ------------------------------------------------------------------------------------------------
+def test_several_choices_in_one_reply(app, client):
+    one = chat(client, max_tokens=10)
+    reply = chat(client, n=3, max_tokens=10, logprobs=True)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) == 1 and reply.choices[0].message.content  # greedy
+    assert reply.usage.prompt_tokens == one.usage.prompt_tokens
+    assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices) > 0
+    sampled = chat(client, n=3, max_tokens=10, temperature=1.0, seed=11)
+    assert len({c.message.content for c in sampled.choices}) > 1  # each choice samples with seed + its index
+
+
+def test_several_choices_stream_with_their_index(client):
+    whole = chat(client, n=2, max_tokens=10)
+    chunks = list(chat(client, n=2, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    assert sum(1 for chunk in chunks if chunk.usage) == 1
+
+
+def test_leaving_a_several_choice_stream_stops_every_choice(app):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True}
+    with httpx.stream("POST", f"{app.v1}/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    wait_until(lambda: app.service.engine.gate.running == 0, timeout=20, what="every choice to stop")
+
+
+def test_several_choices_limits(app, client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, n=app.config.max_concurrent_generations + 1)
+    assert caught.value.body["param"] == "n"
+    bound = httpx.post(f"{app.v1}/chat/completions", headers={"X-Session-Id": "abc"}, timeout=30,
+                       json={"model": MODEL, "messages": HELLO, "n": 2})
+    assert bound.status_code == 400 and bound.json()["error"]["param"] == "n"
+    assert app.service.engine.gate.running == 0
 
 
 # ----- /v1/completions ----------------------------------------------------------------------------------------

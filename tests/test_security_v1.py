@@ -73,6 +73,8 @@ def test_every_v1_route_refuses_a_missing_or_wrong_key(locked):
 def test_the_right_key_opens_every_v1_route(locked, header):
     for method, path in v1_routes(locked):
         body = {"model": MODEL, "messages": HELLO, "max_tokens": 2} if method == "POST" else None
+        if path == "/v1/completions":
+            body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
         response = httpx.request(method, locked.url + path, headers={"Authorization": header}, json=body, timeout=60)
         assert response.status_code == 200, (path, response.text[:200])
 

@@ -7,6 +7,8 @@ request into the engine's and the engine's chunks into server-sent events (or on
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -102,6 +104,13 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             if session_id and params.logprobs is not None:
                 raise APIError(400, "'logprobs' is not available for a request bound to a session "
                                     "(X-Session-Id)", param="logprobs")
+            choices = _choice_count(body, config.max_concurrent_generations)
+            if choices > 1:
+                if session_id:
+                    raise APIError(400, "'n' above 1 is not available for a request bound to a session "
+                                        "(X-Session-Id): a session stores one reply", param="n")
+                return await _several_choices(request, service, model_id, messages, params, choices, workers,
+                                              stream, include_usage)
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             chunks, first = await start_generation(request, service, model_id, messages, params, session_id,
@@ -162,8 +171,6 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - _IGNORED_FIELDS)
     if unknown:
         log.info("ignoring unsupported fields: %s", ", ".join(unknown))
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, "only n=1 is supported", param="n")
     for field, asks_for_it in _UNSUPPORTED_FIELDS.items():
         if asks_for_it(body.get(field)):
             raise APIError(400, f"'{field}' is not supported by this server yet; send it without this field "
@@ -181,6 +188,17 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", param="stream")
     return model_id, clean, params, stream
+
+
+def _choice_count(body: dict, limit: int) -> int:
+    """OpenAI's `n`: how many choices to generate, at most one per generation slot (they run together)."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise APIError(400, f"'n' must be a whole number from 1 to {limit} on this server "
+                            f"(one choice per generation slot, --max-concurrent)", param="n")
+    return n
 
 
 def _chat_logprobs(body: dict) -> int | None:
@@ -332,3 +350,97 @@ async def _collect(request, source: ChunkSource, first, completion_id, created, 
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+
+
+# ----- n > 1: several choices, each its own row of the batch ------------------------------------------------
+async def _several_choices(request: Request, service, model_id, messages, params, n: int, workers, stream: bool,
+                           include_usage: bool):
+    """Generate `n` choices as `n` generations of the same prompt (the batch scheduler runs them as rows of
+    one batch), then answer as one reply whose choices are indexed 0..n-1. Each choice goes through the
+    one-choice code (`_collect`, `_sse_events`); this only starts them together and merges what they give."""
+    try:
+        started = await _start_all(request, service, model_id, messages, params, n, workers)
+    except Disconnected:
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    except Exception as error:
+        return _as_api_error(error).response()
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if stream:
+        streams = [_sse_events(request, chunks, first, completion_id, created, model_id, True)
+                   for chunks, first in started]
+        return EventStream(_merge_events(streams, include_usage),
+                           on_close=lambda: [chunks.close_soon() for chunks, _ in started])
+    replies = await asyncio.gather(*(_collect(request, chunks, first, completion_id, created, model_id)
+                                     for chunks, first in started))
+    failed = next((reply for reply in replies if isinstance(reply, JSONResponse)), None)
+    if failed is not None:
+        return failed
+    merged = replies[0]
+    merged["choices"] = [{**reply["choices"][0], "index": index} for index, reply in enumerate(replies)]
+    completion = sum(reply["usage"]["completion_tokens"] for reply in replies)
+    merged["usage"] = {**merged["usage"], "completion_tokens": completion,
+                       "total_tokens": merged["usage"]["prompt_tokens"] + completion}
+    return merged
+
+
+async def _start_all(request, service, model_id, messages, params, n, workers) -> list:
+    """Start the `n` generations together; if any fails, close the others and raise its error. A seed
+    gives each choice its own (seed + index), so that sampled choices differ and repeat."""
+    def choice_params(index: int) -> GenerationParams:
+        if params.seed is None:
+            return params
+        return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
+
+    results = await asyncio.gather(*(start_generation(request, service, model_id, messages, choice_params(index),
+                                                      None, LOCAL_USER, workers) for index in range(n)),
+                                   return_exceptions=True)
+    errors = [result for result in results if isinstance(result, BaseException)]
+    if errors:
+        for result in results:
+            if not isinstance(result, BaseException):
+                result[0].close_soon()
+        raise errors[0]
+    return results
+
+
+async def _merge_events(streams: list, include_usage: bool) -> AsyncIterator[bytes]:
+    """Interleave the choices' event streams as their events come, each chunk carrying its choice's
+    index; one usage event (prompt tokens once, completion tokens summed) and one `[DONE]` at the end.
+    An error event from any choice ends the whole stream."""
+    pending = {asyncio.ensure_future(anext(stream)): index for index, stream in enumerate(streams)}
+    usage, meta = {"prompt_tokens": 0, "completion_tokens": 0}, {}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[index]))] = index
+                if event == b"data: [DONE]\n\n":
+                    continue
+                payload = json.loads(event[len(b"data: "):])
+                if "error" in payload:
+                    yield event
+                    yield b"data: [DONE]\n\n"
+                    return
+                if payload.get("usage") is not None:
+                    usage["prompt_tokens"] = payload["usage"]["prompt_tokens"]
+                    usage["completion_tokens"] += payload["usage"]["completion_tokens"]
+                    continue
+                meta = {key: payload[key] for key in ("id", "object", "created", "model") if key in payload}
+                for choice in payload["choices"]:
+                    choice["index"] = index
+                yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+        if include_usage:
+            total = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+            yield f"data: {json.dumps({**meta, 'choices': [], 'usage': total})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # a generator is closed only once it is not running
+        for stream in streams:
+            await stream.aclose()
