@@ -180,6 +180,22 @@ def test_completion_echo_stop_and_seed(client):
     assert sampled[0] == sampled[1]
 
 
+def test_a_list_of_prompts_gives_a_choice_each(client):
+    prompts = [PROMPT, "Once upon a time", "Hello"]
+    alone = [complete(client, prompt=prompt, echo=True) for prompt in prompts]
+    together = complete(client, prompt=prompts, echo=True)
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert all(c.text.startswith(prompt) for c, prompt in zip(together.choices, prompts))
+    assert together.usage.prompt_tokens == sum(reply.usage.prompt_tokens for reply in alone)
+    chunks = list(complete(client, prompt=prompts, stream=True, stream_options={"include_usage": True}))
+    texts = {0: "", 1: "", 2: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert all(texts[i] for i in texts) and chunks[-1].usage.prompt_tokens == together.usage.prompt_tokens
+    assert sum(1 for chunk in chunks if chunk.usage) == 1
+
+
 def test_completion_legacy_logprobs(client):
     reply = complete(client, logprobs=2, max_tokens=10)
     choice = reply.choices[0]
@@ -205,7 +221,8 @@ def test_completion_legacy_logprobs(client):
     ({"logit_bias": {"42": 5}}, "logit_bias"),
     ({"echo": True, "logprobs": 1}, "echo"),
     ({"logprobs": 21}, "logprobs"),
-    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": ["one", ""]}, "prompt"),
+    ({"prompt": ["x"] * 9}, "prompt"),
     ({"prompt": [1, 2, 3]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"temperature": 9}, "temperature"),

@@ -1,4 +1,5 @@
-"""OpenAI's legacy text completions, `POST /v1/completions`: a raw prompt continued, no chat format.
+"""OpenAI's legacy text completions, `POST /v1/completions`: a raw prompt continued, no chat format; a
+list of prompts gives one choice per prompt, generated together (`choices`).
 
 The same key check, body limit, admission, disconnect watch and error shapes as chat (`openai`,
 `streams`); only the request's fields and the response's shape differ. Logprobs come in the legacy
@@ -8,6 +9,7 @@ form: `tokens`, `token_logprobs`, `top_logprobs` (a {token: logprob} object per 
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 import logging
@@ -20,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from ..params import MAX_TOP_LOGPROBS, GenerationParams, InvalidParams
 from .openai import APIError, _as_api_error, _finish, _include_usage, _read_json
+from .choices import merge_events, merge_replies, start_together
 from .streams import ChunkSource, Disconnected, EventStream, next_or_disconnect, start_generation
 
 log = logging.getLogger(__name__)
@@ -39,34 +42,49 @@ def add_completions_route(router: APIRouter, service, workers, check_key) -> Non
         try:
             check_key(request)
             body = await _read_json(request)
-            model_id, prompt, params, stream, echo = parse_completion_request(body, config.max_tokens_limit)
-            if len(prompt) > config.max_prompt_chars:
-                raise APIError(400, f"the prompt is {len(prompt):,} characters; the limit is "
+            model_id, prompts, params, stream, echo = parse_completion_request(body, config.max_tokens_limit)
+            if len(prompts) > config.max_concurrent_generations:
+                raise APIError(400, f"'prompt': at most {config.max_concurrent_generations} prompts in one "
+                                    f"request on this server (one per generation slot)", param="prompt")
+            longest = max(len(prompt) for prompt in prompts)
+            if longest > config.max_prompt_chars:
+                raise APIError(400, f"the prompt is {longest:,} characters; the limit is "
                                     f"{config.max_prompt_chars:,}", param="prompt")
             include_usage = _include_usage(body)
             if request.headers.get("x-session-id"):
                 raise APIError(400, "/v1/completions continues a raw prompt and is not bound to sessions; "
                                     "send X-Session-Id to /v1/chat/completions", param="X-Session-Id")
-            chunks, first = await start_generation(request, service, model_id, None, params, None, "", workers,
-                                                   prompt=prompt)
+            started = await start_together([start_generation(request, service, model_id, None, params, None, "",
+                                                             workers, prompt=prompt) for prompt in prompts])
         except Disconnected:
             return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
         except Exception as error:
             return _as_api_error(error).response()
-        reply = _Reply(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model_id, prompt if echo else "",
-                       params.logprobs)
-        if stream:
-            return EventStream(_sse_events(request, chunks, first, reply, include_usage), on_close=chunks.close_soon)
-        return await _collect(request, chunks, first, reply)
+        completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        replies = [_Reply(completion_id, created, model_id, prompt if echo else "", params.logprobs)
+                   for prompt in prompts]
+        if len(prompts) == 1:
+            (chunks, first), = started
+            if stream:
+                return EventStream(_sse_events(request, chunks, first, replies[0], include_usage),
+                                   on_close=chunks.close_soon)
+            return await _collect(request, chunks, first, replies[0])
+        if stream:  # one choice per prompt, merged as chat merges its n choices
+            streams = [_sse_events(request, chunks, first, reply, True) for (chunks, first), reply in zip(started, replies)]
+            return EventStream(merge_events(streams, include_usage, distinct_prompts=True),
+                               on_close=lambda: [chunks.close_soon() for chunks, _ in started])
+        return merge_replies(await asyncio.gather(*(_collect(request, chunks, first, reply)
+                                                    for (chunks, first), reply in zip(started, replies))),
+                             distinct_prompts=True)
 
 
-def parse_completion_request(body: dict, max_tokens_limit: int) -> tuple[str, str, GenerationParams, bool, bool]:
-    """(model id, prompt, parameters, stream, echo) from a /v1/completions body; a 400 naming the field
+def parse_completion_request(body: dict, max_tokens_limit: int) -> tuple[str, list[str], GenerationParams, bool, bool]:
+    """(model id, prompts, parameters, stream, echo) from a /v1/completions body; a 400 naming the field
     for anything it cannot honour."""
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise APIError(400, "'model' is required and must be a string", param="model")
-    prompt = _prompt(body.get("prompt"))
+    prompts = _prompts(body.get("prompt"))
     unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - _OTHER_FIELDS)
     if unknown:
         log.info("ignoring unsupported fields: %s", ", ".join(unknown))
@@ -92,20 +110,16 @@ def parse_completion_request(body: dict, max_tokens_limit: int) -> tuple[str, st
         params = GenerationParams.from_dict(sampling, max_tokens_limit=max_tokens_limit)
     except (InvalidParams, TypeError) as error:
         raise APIError(400, str(error), param=str(error).split(":")[0]) from None
-    return model_id, prompt, params, stream, echo
+    return model_id, prompts, params, stream, echo
 
 
-def _prompt(prompt) -> str:
-    """The one text prompt: a string, or a list holding one string."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
-        raise APIError(400, "'prompt': one prompt per request on this server; send the others as separate "
-                            "requests", param="prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise APIError(400, "'prompt' must be a non-empty string (token-id prompts are not supported)",
-                       param="prompt")
-    return prompt
+def _prompts(prompt) -> list[str]:
+    """The text prompts: a string, or a list of strings (one choice each)."""
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    if not prompts or not all(isinstance(item, str) and item for item in prompts):
+        raise APIError(400, "'prompt' must be a non-empty string or a list of them (token-id prompts are not "
+                            "supported)", param="prompt")
+    return prompts
 
 
 class _Reply:

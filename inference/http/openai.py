@@ -24,6 +24,7 @@ from sessions import LOCAL_USER, SessionNotFound
 from ..engine import Busy
 from ..generate import PromptTooLong
 from ..params import GenerationParams, InvalidParams
+from .choices import merge_events, merge_replies, start_together
 from .streams import ChunkSource, Disconnected, EventStream, bearer_ok, next_or_disconnect, start_generation, worker_pool
 
 log = logging.getLogger(__name__)
@@ -357,9 +358,14 @@ async def _several_choices(request: Request, service, model_id, messages, params
                            include_usage: bool):
     """Generate `n` choices as `n` generations of the same prompt (the batch scheduler runs them as rows of
     one batch), then answer as one reply whose choices are indexed 0..n-1. Each choice goes through the
-    one-choice code (`_collect`, `_sse_events`); this only starts them together and merges what they give."""
+    one-choice code (`_collect`, `_sse_events`); `choices` starts them together and merges what they give.
+    A seed gives each choice its own (seed + index), so that sampled choices differ."""
+    def choice_params(index: int) -> GenerationParams:
+        return params if params.seed is None else dataclasses.replace(params, seed=(params.seed + index) % 2**63)
+
     try:
-        started = await _start_all(request, service, model_id, messages, params, n, workers)
+        started = await start_together([start_generation(request, service, model_id, messages, choice_params(index),
+                                                          None, LOCAL_USER, workers) for index in range(n)])
     except Disconnected:
         return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
     except Exception as error:
@@ -368,79 +374,7 @@ async def _several_choices(request: Request, service, model_id, messages, params
     if stream:
         streams = [_sse_events(request, chunks, first, completion_id, created, model_id, True)
                    for chunks, first in started]
-        return EventStream(_merge_events(streams, include_usage),
+        return EventStream(merge_events(streams, include_usage),
                            on_close=lambda: [chunks.close_soon() for chunks, _ in started])
-    replies = await asyncio.gather(*(_collect(request, chunks, first, completion_id, created, model_id)
-                                     for chunks, first in started))
-    failed = next((reply for reply in replies if isinstance(reply, JSONResponse)), None)
-    if failed is not None:
-        return failed
-    merged = replies[0]
-    merged["choices"] = [{**reply["choices"][0], "index": index} for index, reply in enumerate(replies)]
-    completion = sum(reply["usage"]["completion_tokens"] for reply in replies)
-    merged["usage"] = {**merged["usage"], "completion_tokens": completion,
-                       "total_tokens": merged["usage"]["prompt_tokens"] + completion}
-    return merged
-
-
-async def _start_all(request, service, model_id, messages, params, n, workers) -> list:
-    """Start the `n` generations together; if any fails, close the others and raise its error. A seed
-    gives each choice its own (seed + index), so that sampled choices differ and repeat."""
-    def choice_params(index: int) -> GenerationParams:
-        if params.seed is None:
-            return params
-        return dataclasses.replace(params, seed=(params.seed + index) % 2**63)
-
-    results = await asyncio.gather(*(start_generation(request, service, model_id, messages, choice_params(index),
-                                                      None, LOCAL_USER, workers) for index in range(n)),
-                                   return_exceptions=True)
-    errors = [result for result in results if isinstance(result, BaseException)]
-    if errors:
-        for result in results:
-            if not isinstance(result, BaseException):
-                result[0].close_soon()
-        raise errors[0]
-    return results
-
-
-async def _merge_events(streams: list, include_usage: bool) -> AsyncIterator[bytes]:
-    """Interleave the choices' event streams as their events come, each chunk carrying its choice's
-    index; one usage event (prompt tokens once, completion tokens summed) and one `[DONE]` at the end.
-    An error event from any choice ends the whole stream."""
-    pending = {asyncio.ensure_future(anext(stream)): index for index, stream in enumerate(streams)}
-    usage, meta = {"prompt_tokens": 0, "completion_tokens": 0}, {}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                index = pending.pop(task)
-                try:
-                    event = task.result()
-                except StopAsyncIteration:
-                    continue
-                pending[asyncio.ensure_future(anext(streams[index]))] = index
-                if event == b"data: [DONE]\n\n":
-                    continue
-                payload = json.loads(event[len(b"data: "):])
-                if "error" in payload:
-                    yield event
-                    yield b"data: [DONE]\n\n"
-                    return
-                if payload.get("usage") is not None:
-                    usage["prompt_tokens"] = payload["usage"]["prompt_tokens"]
-                    usage["completion_tokens"] += payload["usage"]["completion_tokens"]
-                    continue
-                meta = {key: payload[key] for key in ("id", "object", "created", "model") if key in payload}
-                for choice in payload["choices"]:
-                    choice["index"] = index
-                yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-        if include_usage:
-            total = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-            yield f"data: {json.dumps({**meta, 'choices': [], 'usage': total})}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)  # a generator is closed only once it is not running
-        for stream in streams:
-            await stream.aclose()
+    return merge_replies(await asyncio.gather(*(_collect(request, chunks, first, completion_id, created, model_id)
+                                                for chunks, first in started)))
