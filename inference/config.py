@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     option("--host", dest="host", default="127.0.0.1, this machine only",
            help="address to bind; 0.0.0.0 serves every network interface")
     option("--port", dest="port", type=int, default="7860",
-           help="one port for the UI, the Gradio API, /health and /v1")
+           help="one port for the UI, the Gradio API, /health, /v1 and /api (Ollama)")
     option("--data-dir", dest="data_dir", type=Path, default="./data",
            help="where models, sessions, uploads and caches live")
     option("--memory-budget", dest="memory_budget", type=parse_size, metavar="SIZE",
@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--auth", dest="auth", type=parse_auth, action="append", metavar="USER:PASS", default="no login",
            help="require a login; repeat for several users; each user sees only their own sessions",
            env_form="=alice:pw1,bob:pw2")
-    option("--api-key", dest="api_key", metavar="KEY", default="none, /v1 is open",
-           help="require 'Authorization: Bearer KEY' on the /v1 routes")
+    option("--api-key", dest="api_key", metavar="KEY", default="none, /v1 and /api are open",
+           help="require 'Authorization: Bearer KEY' on the /v1 and /api routes")
     option("--share", dest="share", action="store_true", default="off", env_form="=1",
            help="also serve through a public Gradio share link, which needs internet")
     option("--remote", dest="remote", type=check_remote, action="append", metavar="ID=URL[,model=NAME][,key=KEY]",
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     option("--max-concurrent", dest="max_concurrent", type=int, metavar="N", default="8",
            help="generations running at once")
     option("--max-queue", dest="max_queue", type=int, metavar="N", default="64",
-           help="generations waiting for a slot before 'busy' answers (/v1: 429); the UI and the Gradio API "
+           help="generations waiting for a slot before 'busy' answers (/v1, /api: 429); the UI and the Gradio API "
                 "wait in Gradio's queue, which shows their place")
     option("--max-tokens-limit", dest="max_tokens_limit", type=int, metavar="N", default="4096",
            help="largest max_tokens a request may ask")
@@ -334,8 +334,8 @@ def exposure_warning(config: AppConfig) -> str | None:
                 "the port can chat, upload files and load models; see SECURITY.md")
     if not config.api_key:
         return (f"listening on {where} without --api-key (LLM_API_KEY): --auth guards the UI and the Gradio API, "
-                "but anyone who can reach the port can use the /v1 routes")
+                "but anyone who can reach the port can use the /v1 and /api routes")
     if not config.auth:
-        return (f"listening on {where} without --auth (LLM_AUTH): --api-key guards /v1, but anyone who can reach "
+        return (f"listening on {where} without --auth (LLM_AUTH): --api-key guards /v1 and /api, but anyone who can reach "
                 "the port can use the UI and the Gradio API")
     return None

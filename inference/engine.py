@@ -197,18 +197,9 @@ class Engine:
         stream with finish reason "cancelled". The slot goes back when the decode loop is done
         with the request, or when this stream is closed, whichever comes first.
         """
-        return self._stream(model, lambda peer: peer.prepare(messages), params, cancel, session_id, admission)
-
-    def stream_prompt(self, model, prompt: str, params: GenerationParams, cancel: threading.Event,
-                      admission: Admission | None = None) -> Iterator[Chunk]:
-        """Stream the continuation of a raw text `prompt` (no chat format), as `stream_chat` does a chat."""
-        return self._stream(model, lambda peer: peer.prepare_text(prompt), params, cancel, None, admission)
-
-    def _stream(self, model, prepare: Callable[[Peer], object], params: GenerationParams, cancel: threading.Event,
-                session_id: str | None, admission: Admission | None) -> Iterator[Chunk]:
         try:
             peer = self.peer(model)
-            prepared = prepare(peer)
+            prepared = peer.prepare(messages)
             if admission is None:
                 try:
                     admission = self.gate.admit(cancel)

@@ -46,6 +46,23 @@ def _growing_layer_class():
                 self.values = self._value_buffer[:, :, :total]
                 return self.keys, self.values
 
+            def reserve(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+                """Room for `new_tokens` more tokens that someone else writes into the buffers (the
+                native decode step): (key buffer, value buffer, current length). `advance` then
+                shows them."""
+                length = self.keys.shape[-2]
+                total = length + new_tokens
+                if not self._owns_views(self.keys, total):
+                    self._key_buffer = _grown(self.keys, self.keys[:, :, :0], total)
+                    self._value_buffer = _grown(self.values, self.values[:, :, :0], total)
+                    self.keys = self._key_buffer[:, :, :length]
+                    self.values = self._value_buffer[:, :, :length]
+                return self._key_buffer, self._value_buffer, length
+
+            def advance(self, total: int) -> None:
+                self.keys = self._key_buffer[:, :, :total]
+                self.values = self._value_buffer[:, :, :total]
+
             def _owns_views(self, states, total: int) -> bool:
                 """Whether keys/values are still views of our buffers (nobody replaced them) with room."""
                 buffer = self._key_buffer

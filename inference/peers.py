@@ -10,7 +10,7 @@ import threading
 from typing import Callable, Iterator, Protocol
 
 from .generate import Chunk, check_prompt, stream_generate
-from .params import GenerationParams, InvalidParams
+from .params import GenerationParams
 
 REMOTE_CONTEXT = 8192  # assumed context of a remote engine, which does not tell us its own
 
@@ -25,11 +25,9 @@ class Peer(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def prepare(self, messages: list[dict]) -> object:
-        """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`)."""
-
-    def prepare_text(self, prompt: str) -> object:
-        """Check and tokenize a raw text prompt (no chat format) for a plain continuation."""
+    def prepare(self, messages: list[dict] | str) -> object:
+        """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`); a
+        string is a raw prompt, given to the model as it is, without the chat template."""
 
     def stream(self, prepared: object, params: GenerationParams, cancel: threading.Event,
                session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
@@ -48,18 +46,11 @@ class LocalPeer:
     def count_tokens(self, text: str) -> int:
         return self.model.count_tokens(text)
 
-    def prepare(self, messages: list[dict]) -> list[int]:
-        prompt_ids = self.model.render_chat(messages)
-        check_prompt(len(prompt_ids), self.context_length)
-        return prompt_ids
-
-    def prepare_text(self, prompt: str) -> list[int]:
-        """The prompt's tokens as the model reads a document: with its BOS token where it has one."""
-        tokenizer = self.model.tokenizer
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if prompt_ids and eos is not None and prompt_ids[-1] == eos and len(prompt_ids) > 1:
-            prompt_ids = prompt_ids[:-1]  # a tokenizer that also appends EOS would end the text before it starts
+    def prepare(self, messages: list[dict] | str) -> list[int]:
+        if isinstance(messages, str):  # a raw prompt: the tokenizer's own special tokens (BOS) and the text
+            prompt_ids = self.model.tokenizer(messages, add_special_tokens=True)["input_ids"]
+        else:
+            prompt_ids = self.model.render_chat(messages)
         check_prompt(len(prompt_ids), self.context_length)
         return prompt_ids
 
@@ -82,12 +73,11 @@ class RemotePeer:
     def count_tokens(text: str) -> int:
         return approx_tokens(text)
 
-    def prepare(self, messages: list[dict]) -> list[dict]:
+    def prepare(self, messages: list[dict] | str) -> list[dict]:
+        if isinstance(messages, str):
+            raise ValueError(f"{self.spec.id} is a remote engine, which takes chat messages: a raw prompt "
+                             "needs a local model")
         return messages
-
-    def prepare_text(self, prompt: str) -> list[dict]:
-        raise InvalidParams(f"remote engine {self.spec.id!r} serves chats only: ask /v1/chat/completions, "
-                            "not /v1/completions")
 
     def stream(self, messages: list[dict], params: GenerationParams, cancel: threading.Event,
                session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:

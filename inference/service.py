@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from models.catalog import Catalog, assemble_default_model, parse_remote_option
+from models.catalog import Catalog, ModelSpec, assemble_default_model, parse_remote_option, slug
+from models.download import DownloadError, ensure_local, hub_unreachable, is_offline
 from models.loader import LoadOptions, import_model_code
 from models.manager import ModelError, ModelManager
 from parsers import ParseError, ParseLimits, describe_supported, is_supported
@@ -113,6 +114,74 @@ class ChatService:
     def model_record(self, model_id: str) -> dict:
         """One model's record (state, size, context length); an unknown id raises ModelError."""
         return self.manager.record(_required(model_id, "model_id"))
+
+    def model_details(self, model_id: str) -> dict:
+        """A model's record with what its GGUF header says besides: `parameter_count`, `chat_template`
+        (the file's own, or None), and `modified_at` (the file's mtime; None when not on disk)."""
+        record = self.model_record(model_id)
+        details = {**record, "parameter_count": None, "chat_template": None, "modified_at": None}
+        spec = self.catalog.get(record["id"])
+        if spec is None or spec.path is None or not record["on_disk"]:
+            return details
+        try:
+            header = self.catalog.header(spec)
+            details["modified_at"] = spec.path.stat().st_mtime
+        except (OSError, ValueError):  # unreadable or removed meanwhile: the record already says so
+            return details
+        if header is not None:
+            details.update(parameter_count=header.n_parameters, chat_template=header.chat_template)
+        return details
+
+    def pull_target(self, name: str) -> ModelSpec:
+        """What a pull of `name` fetches: a catalog model, or `hf.co/OWNER/REPO/FILE.gguf` /
+        `hf.co/OWNER/REPO:QUANT` (the repository's GGUF whose name has QUANT) from the Hugging Face hub.
+
+        Raises `UnknownModel` for a name that is neither, `DownloadError` when the file is missing and
+        the hub cannot be reached (offline), `ServiceError` for a hub name that names no GGUF file.
+        """
+        name = _required(name, "model")
+        if not name.startswith(("hf.co/", "huggingface.co/")):
+            self.manager.record(name)  # UnknownModel for an id the catalog lacks
+            spec = self.catalog.get(name)
+            if spec is None:  # loaded, then dropped from the catalog: nothing to fetch
+                raise ServiceError(f"{name} is no longer in the catalog")
+            if spec.hub_repo and not spec.path.exists():
+                _check_online(f"{spec.name} is not on disk and")
+            return spec
+        reference, _, quant = name.split("/", 1)[1].partition(":")
+        parts = reference.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ServiceError(f"{name!r}: expected hf.co/OWNER/REPO:QUANT or hf.co/OWNER/REPO/FILE.gguf")
+        repo_id, file_name = "/".join(parts[:2]), parts[2] if len(parts) == 3 else ""
+        if not file_name:
+            file_name = self._hub_gguf(repo_id, quant or "Q4_K_M")
+        if "/" in file_name or not file_name.lower().endswith(".gguf"):
+            raise ServiceError(f"{name!r}: the file must be a .gguf at the top of the repository")
+        path = self.config.models_dir / file_name
+        return ModelSpec(slug(path.stem), path.stem, path, hub_repo=repo_id, hub_file=file_name)
+
+    def _hub_gguf(self, repo_id: str, quant: str) -> str:
+        """The name of the GGUF file in hub repository `repo_id` whose name has `quant` (e.g. Q4_K_M)."""
+        _check_online(f"cannot look up {repo_id} on the Hugging Face hub (download its .gguf file into "
+                      f"{self.config.models_dir}/ instead):")
+        from huggingface_hub import list_repo_files
+
+        try:
+            files = list_repo_files(repo_id)
+        except Exception as error:  # no such repository, no access, network: one clear message
+            raise DownloadError(f"could not list {repo_id} on the Hugging Face hub ({type(error).__name__}: "
+                                f"{error})") from error
+        matches = [f for f in files if f.lower().endswith(".gguf") and quant.lower() in f.lower() and "/" not in f]
+        if not matches:
+            raise ServiceError(f"{repo_id} has no .gguf file named with {quant!r} at its top level")
+        return sorted(matches, key=len)[0]
+
+    def pull(self, spec: ModelSpec, progress=None) -> dict:
+        """Make sure `spec`'s file is on disk (downloading it with `progress(fraction, message)` if not,
+        as a first load would) without loading it; return its model record."""
+        if spec.path is not None and not spec.remote:
+            ensure_local(spec, progress)
+        return self.model_record(spec.id)
 
     def memory_status(self) -> dict:
         return {"used_bytes": self.manager.memory_used(), "budget_bytes": self.manager.memory_budget}
@@ -395,22 +464,22 @@ class ChatService:
         return {"removed": file_id}
 
     # ----- one-shot completions (the /v1 API) ----------------------------------------------------
-    def complete(self, model_id: str, messages: list[dict], params: GenerationParams,
+    def complete(self, model_id: str, messages: list[dict] | str, params: GenerationParams,
                  cancel: threading.Event | None = None, admission=None) -> Iterator[Chunk]:
-        """Stream a reply to OpenAI-style `messages` with no session attached (`admission`: as in `chat`)."""
+        """Stream a reply to OpenAI-style `messages` with no session attached (`admission`: as in `chat`);
+        a string instead of messages is a raw prompt, given to the model without its chat template."""
         if not model_id:
             raise ServiceError("model is required")
         with self.manager.use(model_id) as lm:
             yield from self.engine.stream_chat(lm, messages, params, cancel or threading.Event(),
                                                admission=admission)
 
-    def complete_text(self, model_id: str, prompt: str, params: GenerationParams,
-                      cancel: threading.Event | None = None, admission=None) -> Iterator[Chunk]:
-        """Stream the continuation of a raw text prompt, no chat format (OpenAI's /v1/completions)."""
-        if not model_id:
-            raise ServiceError("model is required")
-        with self.manager.use(model_id) as lm:
-            yield from self.engine.stream_prompt(lm, prompt, params, cancel or threading.Event(), admission=admission)
+
+def _check_online(what: str) -> None:
+    """Raise `DownloadError` ("<what> the app is offline (why)") when the hub cannot be reached."""
+    why = "HF_HUB_OFFLINE=1" if is_offline() else hub_unreachable()
+    if why:
+        raise DownloadError(f"{what} the app is offline ({why})")
 
 
 def _required(value, name: str) -> str:

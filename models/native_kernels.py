@@ -30,7 +30,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "q8_matmul.c"
+NATIVE = Path(__file__).with_name("native")
+SOURCES = (NATIVE / "q8_matmul.c", NATIVE / "layers.c")  # layers.c: a decode step's layer stack in one call
+HEADERS = (NATIVE / "q8.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 BLOCK = 32  # activation values per scale; the kernel's BLOCK
 BUILD_TIMEOUT_S = 120
@@ -52,8 +54,14 @@ class Q8Kernels:
         self._lib.q4_matmul.restype = None
         self._lib.rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
         self._lib.rms_norm.restype = None
+        self._lib.q4_dequantize.argtypes = [p, p, i64, i64, p, ctypes.c_int]
+        self._lib.q4_dequantize.restype = None
+        self._lib.decode_layers.argtypes = [p, p, i64, p, i64, p, i64, p, p]
+        self._lib.decode_layers.restype = ctypes.c_int
         if self._lib.q8_block() != BLOCK:
             raise RuntimeError("the built kernel's block size differs from this module's")
+        if self._lib.layers_abi() != LAYERS_ABI:
+            raise RuntimeError("the built library's layer structures differ from this module's")
 
     @staticmethod
     def supports(in_features: int, *weights: torch.Tensor) -> bool:
@@ -85,6 +93,24 @@ class Q8Kernels:
         return y
 
 
+    def dequantize4(self, nibbles: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+        """The float32 [n, k] weights of `matmul4`'s (nibbles, scales_zeros)."""
+        n, k = nibbles.shape[0], nibbles.shape[1] * 2
+        out = torch.empty(n, k, dtype=torch.float32)
+        self._lib.q4_dequantize(nibbles.data_ptr(), scales_zeros.data_ptr(), n, k, out.data_ptr(),
+                                torch.get_num_threads())
+        return out
+
+    def decode_layers(self, config: "LayerConfig", layers, x: torch.Tensor, start: torch.Tensor, length: int,
+                      cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Run `layers` (a ctypes array of `LayerSpec`) on x [rows, hidden] float32 in place: one new token
+        per row at cache column `length`; start [rows] int64: each row's first real column; cos, sin
+        [2, rows, head_dim] float32 (native/layers.c describes the layouts)."""
+        status = self._lib.decode_layers(ctypes.addressof(config), ctypes.addressof(layers), len(layers), x.data_ptr(),
+                                         x.shape[0], start.data_ptr(), length, cos.data_ptr(), sin.data_ptr())
+        if status != 0:
+            raise MemoryError("the native decode step could not allocate its scratch memory")
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x / rms(x) * weight over the last dimension; x float32, weight float32 [dim]."""
         x = x.contiguous()
@@ -92,6 +118,31 @@ class Q8Kernels:
         dim = x.shape[-1]
         self._lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
         return y
+
+
+class LinearSpec(ctypes.Structure):
+    """native/layers.c's `Linear`: one quantized product's weights."""
+    _fields_ = [("bits", ctypes.c_int32), ("unused", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class LayerSpec(ctypes.Structure):
+    """native/layers.c's `Layer`: a layer's products, norms (0 = none), KV buffers and attention window."""
+    _fields_ = [*((name, LinearSpec) for name in ("q", "k", "v", "o", "gate", "up", "down")),
+                *((name, ctypes.c_void_p) for name in ("norm_in", "norm_attn_out", "norm_ff_in", "norm_ff_out",
+                                                       "norm_q", "norm_k", "keys", "values")),
+                ("capacity", ctypes.c_int64), ("window", ctypes.c_int64), ("rope", ctypes.c_int32),
+                ("unused", ctypes.c_int32)]
+
+
+class LayerConfig(ctypes.Structure):
+    """native/layers.c's `Config`."""
+    _fields_ = [*((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn")),
+                ("act", ctypes.c_int32), ("threads", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("scaling", ctypes.c_float)]
+
+
+LAYERS_ABI = ctypes.sizeof(LinearSpec) * 1000 + ctypes.sizeof(LayerSpec) * 10 + ctypes.sizeof(LayerConfig) % 10
 
 
 def pack_nibbles(q):
@@ -148,7 +199,7 @@ def _build_and_check(build_dir: Path, compiler: str | None) -> Q8Kernels | None:
 
 
 def _built_library(build_dir: Path, compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     digest = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.machine().encode()).hexdigest()[:12]
     target = build_dir / f"q8_matmul-{digest}.so"
     if target.exists():
@@ -156,8 +207,8 @@ def _built_library(build_dir: Path, compiler: str) -> Path:
     build_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=build_dir) as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                text=True, timeout=BUILD_TIMEOUT_S)
+        result = subprocess.run([compiler, *FLAGS, f"-I{NATIVE}", *map(str, SOURCES), "-o", str(built), "-lm"],
+                                capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-300:]}")
         os.replace(built, target)  # atomic: another process sees the whole library or none

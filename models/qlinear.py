@@ -35,6 +35,10 @@ KERNEL_DTYPE = torch.bfloat16  # what the int4/int8 kernels read: inputs, scales
 # WIDE_MAX_WEIGHTS values: the transient dense copy of a 262k-token output table would be 670 MB.
 WIDE_ROWS = 32
 WIDE_MAX_WEIGHTS = 1 << 24
+# int4 weights with the AVX2 kernel's copy multiply inputs of this many rows or more dequantized to
+# float32 (one C pass, ~1 ms for 1.3M weights) and then as one float product: 1.3-2x faster than
+# torch's int4 kernel on an AVX2 CPU from 128 rows on (bench/RESULTS.md).
+WIDE_ROWS_INT4 = 128
 
 
 def compute_dtype() -> torch.dtype:
@@ -104,9 +108,13 @@ class Int4Linear(nn.Module):
             self.register_buffer("native_scales", native_scales.to(torch.float16).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and x.numel() // self.in_features < WIDE_ROWS:
+        rows = x.numel() // self.in_features
+        if self.native is not None and rows < WIDE_ROWS:
             y = self.native.matmul4(_flat(x, self.in_features, torch.float32), self.nibbles, self.native_scales)
             return _finish(y, x, self.out_features, self.bias)
+        if (self.native is not None and rows >= WIDE_ROWS_INT4 and x.dtype == torch.float32
+                and self.out_features * self.in_features <= WIDE_MAX_WEIGHTS):
+            return F.linear(x, self.native.dequantize4(self.nibbles, self.native_scales), self.bias)
         flat = _flat(x, self.in_features, self.scales_zeros.dtype)
         y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
         return _finish(y, x, self.out_features, self.bias)

@@ -4,11 +4,14 @@ sliding window."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from gguf_factory import write_tiny_gguf
 from inference import kv
+from models import native_kernels
 from models.decode_step import make_decode_step
 from models.loader import LoadOptions, load_model
 
@@ -129,3 +132,73 @@ def test_dense_models_and_other_weights_use_the_models_forward(models, tmp_path,
     with torch.inference_mode():  # the step belongs to the old weights: not used for the new ones
         want = other.model(input_ids=tokens, position_ids=positions, cache=kv.new_cache()).logits[:, -1]
         assert torch.equal(other.decode(tokens, positions, kv.new_cache()), want)
+
+
+needs_native = pytest.mark.skipif(not native_kernels.cpu_has_avx2() or not shutil.which("cc"),
+                                  reason="the native layer stack needs an x86 CPU with AVX2 and a C compiler")
+
+
+@pytest.fixture(scope="module")
+def native_models(tmp_path_factory, model_cache):
+    """The same tiny models on the AVX2 kernels, where the whole layer stack is one C call."""
+    folder = tmp_path_factory.mktemp("decode-step-native")
+    loaded = {}
+    for arch in ARCHS:
+        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, hidden=128, ffn=256, heads=4, kv_heads=2,
+                               context_length=64, weight_types="mixed")
+        loaded[arch] = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="native"))
+    return loaded
+
+
+def loop_step(step, *args):
+    """The same step through the Python loop (the native stack switched off for one call)."""
+    native, step.native = step.native, None
+    try:
+        return step(*args)
+    finally:
+        step.native = native
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("texts", [["The quick brown fox jumps over the lazy dog and the cat"],
+                                   ["Hello", "The quick brown fox jumps over the lazy dog and the cat", "One two"]])
+def test_the_native_layer_stack_matches_the_loop(native_models, arch, texts):
+    """Single rows and left-padded batches, past gemma3's sliding window: the same logits as the loop
+    over the same kernels (up to the int8 rounding of an activation that differs in its last bit)."""
+    lm = native_models[arch]
+    step = make_decode_step(lm.model)
+    assert step.native is not None
+    rows = [lm.encode(text) for text in texts]
+    with torch.inference_mode():
+        (ours, theirs), mask = prefill(lm, rows)
+        tokens = torch.tensor([[r[-1]] for r in rows])
+        positions = torch.tensor([[len(r)] for r in rows])
+        exact = 0
+        for _ in range(40):
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+            padded = None if bool(mask.all()) else mask
+            want = loop_step(step, tokens, positions, theirs, padded)
+            got = step(tokens, positions, ours, padded)
+            assert got.shape == want.shape and close(got, want, 1e-2)
+            exact += bool(close(got, want, 1e-5))
+            tokens, positions = want.argmax(-1, keepdim=True), positions + 1
+        assert exact >= 30  # most steps agree to float32 rounding
+        for mine, reference in zip(ours.layers, theirs.layers):  # the cache holds the same tokens
+            assert mine.keys.shape == reference.keys.shape and close(mine.keys, reference.keys, 1e-2)
+
+
+@needs_native
+def test_the_native_layer_stack_declines_what_it_does_not_cover(native_models):
+    lm = native_models["llama"]
+    step = make_decode_step(lm.model)
+    prompt = lm.encode("Once upon a time")
+    with torch.inference_mode():
+        (cache, _), mask = prefill(lm, [prompt])
+        x = torch.zeros(1, 1, lm.model.config.hidden_size)
+        rotations = step._rotations(x, torch.tensor([[len(prompt)]]))
+        assert not step.native.run(x.to(torch.bfloat16), rotations, cache, None)  # float32 only
+        assert not step.native.run(torch.zeros(40, 1, x.shape[-1]), rotations, cache, None)  # wide batches
+        holes = torch.tensor([[1, 0] + [1] * len(prompt)])  # padding that is not on the left
+        assert not step.native.run(x, rotations, cache, holes)
+        assert cache.layers[0].keys.shape[-2] == len(prompt)  # nothing written when declined

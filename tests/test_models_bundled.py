@@ -138,3 +138,27 @@ def test_avx2_kernels_keep_the_quality_of_the_exact_path(bundled_model, model_ca
     ids, exact, _ = exact_nll
     measured = chunked_nll(native, ids)
     assert abs(measured - exact) <= 0.01 * exact, (measured, exact)
+
+
+def test_the_native_decode_step_keeps_the_quality_of_the_exact_path(bundled_model, model_cache, exact_nll):
+    """The whole layer stack in C (models/native/layers.c) as the engine runs it, one token a step,
+    under the same 1% gate."""
+    import shutil
+
+    from inference import kv
+    from models import native_kernels
+    from models.loader import LoadOptions
+
+    if not native_kernels.cpu_has_avx2() or not shutil.which("cc"):
+        pytest.skip("the kernels need an x86 CPU with AVX2 and a C compiler")
+    native = load_model(bundled_model, model_cache, LoadOptions(kernels="native"))
+    assert native.decode_step is not None and native.decode_step.native is not None
+    ids, exact, _ = exact_nll
+    cache, logits = kv.new_cache(), []
+    with torch.inference_mode():
+        first = native.model(input_ids=torch.tensor([ids[:1]]), cache=cache, use_cache=True).logits[0]
+        logits.append(first[-1:])
+        for position, token in enumerate(ids[1:-1], start=1):
+            logits.append(native.decode(torch.tensor([[token]]), torch.tensor([[position]]), cache))
+    measured = torch.nn.functional.cross_entropy(torch.cat(logits).float(), torch.tensor(ids[1:])).item()
+    assert abs(measured - exact) <= 0.01 * exact, (measured, exact)

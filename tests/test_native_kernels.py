@@ -102,8 +102,22 @@ def test_int4_matches_a_float_reference(kernels, m):
     assert (layer(x) - want).norm() / want.norm() < 0.01
     torch_only, _ = int4_layer(weights)
     assert torch_only.native is None and (torch_only(x) - want).norm() / want.norm() < 0.02
-    wide = torch.randn(40, 256)  # a prefill: torch's kernel, the same numbers as the torch-only layer
+    wide = torch.randn(40, 256)  # a short prefill: torch's kernel, the same numbers as the torch-only layer
     assert torch.equal(layer(wide), torch_only(wide))
+
+
+@needs_avx2
+def test_int4_wide_inputs_multiply_the_dequantized_weights(kernels):
+    """From WIDE_ROWS_INT4 rows on, the kernel's copy (float16 scales) is dequantized and multiplied as
+    floats: the groups' values up to the float16 rounding of their scales."""
+    from models.qlinear import WIDE_ROWS_INT4
+
+    weights = (np.random.default_rng(5).standard_normal((80, 256)) * 0.05).astype(np.float32)
+    layer, dense = int4_layer(weights, kernels)
+    assert (kernels.dequantize4(layer.nibbles, layer.native_scales) - dense).norm() / dense.norm() < 2e-3
+    x = torch.randn(WIDE_ROWS_INT4, 256)
+    want = x @ dense.t()
+    assert (layer(x) - want).norm() / want.norm() < 2e-3
 
 
 def test_odd_widths_and_strided_weights_keep_torch_kernels():

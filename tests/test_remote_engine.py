@@ -173,6 +173,13 @@ def test_logprobs_pass_through_to_the_remote(near, far):
         assert tokens == [t.token for t in want]
 
 
+def test_text_completions_are_refused_for_a_remote(near):
+    with OpenAI(base_url=near.v1, api_key="unused", max_retries=0, timeout=60) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="far", prompt="Once upon a time", max_tokens=4)
+    assert "remote engine" in caught.value.message
+
+
 def test_remote_gets_top_k_repetition_penalty_and_usage(near, client, session):
     _BrokenRemote.bodies.clear()
     settings = '{"temperature": 0.5, "top_k": 7, "repetition_penalty": 1.3, "max_tokens": 5}'

@@ -1,7 +1,7 @@
-"""/v1 behind --api-key, secrets kept out of logs and answers, and the loopback default.
+"""/v1 and /api (Ollama's routes) behind --api-key, secrets kept out of logs and answers, and the loopback default.
 
-test_openai_api.py checks 401 on the two documented routes and a clean log for ordinary requests;
-here every /v1 route the app registers is checked (so a new one cannot slip in unguarded), the key
+test_openai_api.py and test_ollama_api.py check 401 on the documented routes and a clean log for ordinary
+requests; here every /v1 and /api route the app registers is checked (so a new one cannot slip in unguarded), the key
 is looked for after the error paths too, a remote engine's key must not leak either, and the
 command line binds to 127.0.0.1 unless told otherwise, warning when exposed without protection.
 """
@@ -40,13 +40,29 @@ def locked(tmp_path_factory, tiny_models, model_cache, bundled_model):
 
 
 def v1_routes(running) -> list[tuple[str, str]]:
-    """Every /v1 route of the running app, as FastAPI's own schema lists them."""
+    """Every /v1 and /api route of the running app, as FastAPI's own schema lists them."""
     paths = running.server.config.app.openapi()["paths"]
     routes = [(method.upper(), path.replace("{model_id}", MODEL)) for path, methods in paths.items()
-              if path.startswith("/v1") for method in methods]
+              if path.startswith(("/v1/", "/api/")) for method in methods]
     assert ("POST", "/v1/chat/completions") in routes and ("GET", "/v1/models") in routes
+    assert ("POST", "/api/chat") in routes and ("GET", "/api/tags") in routes
     assert not any("{" in path for _, path in routes), routes  # every path parameter filled in
     return routes
+
+
+def request_body(path: str) -> dict:
+    """A valid body for each POST route (a GET gets none)."""
+    if path.startswith("/v1/"):  # chat reads messages, /v1/completions the prompt; each ignores the other
+        return {"model": MODEL, "messages": HELLO, "prompt": "Hello", "max_tokens": 2}
+    return {"model": MODEL, "messages": HELLO, "prompt": "Hello", "stream": False, "options": {"num_predict": 2}}
+
+
+def refused_for_the_key(path: str, response: httpx.Response) -> bool:
+    """401 in the route's own error shape: OpenAI's code, or Ollama's message."""
+    error = response.json()["error"]
+    if path.startswith("/v1/"):
+        return error["code"] == "invalid_api_key"
+    return "api key" in error.lower()
 
 
 BAD_CREDENTIALS = [{}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer  x"},
@@ -56,15 +72,14 @@ BAD_CREDENTIALS = [{}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Aut
 
 
 def test_every_v1_route_refuses_a_missing_or_wrong_key(locked):
-    chat = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
     with captured_log() as log:
         for method, path in v1_routes(locked):
             for headers in BAD_CREDENTIALS:
                 for url in (locked.url + path, f"{locked.url}{path}?api_key={API_KEY}"):
                     response = httpx.request(method, url, headers=headers, timeout=30,
-                                             json=chat if method == "POST" else None)
+                                             json=request_body(path) if method == "POST" else None)
                     assert response.status_code == 401, (method, path, headers, response.status_code)
-                    assert response.json()["error"]["code"] == "invalid_api_key"
+                    assert refused_for_the_key(path, response), (path, response.text)
                     assert API_KEY not in response.text
     assert API_KEY not in server_log(log)
 
@@ -72,9 +87,7 @@ def test_every_v1_route_refuses_a_missing_or_wrong_key(locked):
 @pytest.mark.parametrize("header", [f"Bearer {API_KEY}", f"bearer {API_KEY}", f"Bearer  {API_KEY}"])
 def test_the_right_key_opens_every_v1_route(locked, header):
     for method, path in v1_routes(locked):
-        body = {"model": MODEL, "messages": HELLO, "max_tokens": 2} if method == "POST" else None
-        if path == "/v1/completions":
-            body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+        body = request_body(path) if method == "POST" else None
         response = httpx.request(method, locked.url + path, headers={"Authorization": header}, json=body, timeout=60)
         assert response.status_code == 200, (path, response.text[:200])
 
@@ -88,6 +101,11 @@ def test_keys_never_reach_logs_or_answers_even_on_error_paths(locked):
         ("POST", "/v1/chat/completions", {"json": {"model": "peer", "messages": HELLO, "stream": True}}),
         ("POST", "/v1/chat/completions", {"json": {"model": MODEL, "messages": HELLO, "max_tokens": 2,
                                                    "stream": True}, "headers": {"X-Session-Id": "bad"}}),
+        ("POST", "/api/chat", {"content": b'{"model": "' + API_KEY.encode() + b'", '}),
+        ("POST", "/api/chat", {"json": {"model": "peer", "messages": HELLO}}),
+        ("POST", "/api/generate", {"json": {"model": "peer", "prompt": "Hi", "raw": True}}),
+        ("POST", "/api/show", {"json": {"model": "peer"}}), ("POST", "/api/pull", {"json": {"model": "peer"}}),
+        ("GET", "/api/tags", {}), ("GET", "/api/ps", {}),
         ("GET", "/v1/models", {}), ("GET", "/health", {}), ("GET", "/gradio_api/info", {}), ("GET", "/config", {}),
     ]
     with captured_log() as log:
@@ -95,7 +113,8 @@ def test_keys_never_reach_logs_or_answers_even_on_error_paths(locked):
         for method, path, options in requests:
             headers = {**auth, **options.pop("headers", {})}
             response = httpx.request(method, locked.url + path, headers=headers, timeout=60, **options)
-            assert response.status_code < 500 or path == "/v1/chat/completions", (path, response.status_code)
+            assert response.status_code < 500 or path in ("/v1/chat/completions", "/api/chat"), \
+                (path, response.status_code)
             answers.append(response.text)
         try:  # the same failure through the service, as the Gradio side meets it
             list(locked.service.complete("peer", HELLO, _params()))

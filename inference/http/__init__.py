@@ -1,7 +1,19 @@
 """The HTTP API beside the web UI, on the same port: OpenAI's `/v1` routes and `/health` (`openai`),
-the request body bound (`limits`), and what every generating route shares (`streams`)."""
+Ollama's `/api` routes (`ollama`), the request body bound (`limits`), and what every generating route
+shares (`streams`)."""
 
+from fastapi import APIRouter
+
+from . import ollama, openai
 from .limits import BodySizeLimit
-from .openai import create_router
+
+
+def create_router(service, api_key: str | None = None) -> APIRouter:
+    """Every HTTP API route (`/health`, `/v1`, `/api`), behind `api_key` where one is set."""
+    router = APIRouter()
+    router.include_router(openai.create_router(service, api_key))
+    router.include_router(ollama.create_router(service, api_key))
+    return router
+
 
 __all__ = ["BodySizeLimit", "create_router"]

@@ -54,8 +54,9 @@ def add_completions_route(router: APIRouter, service, workers, check_key) -> Non
             if request.headers.get("x-session-id"):
                 raise APIError(400, "/v1/completions continues a raw prompt and is not bound to sessions; "
                                     "send X-Session-Id to /v1/chat/completions", param="X-Session-Id")
-            started = await start_together([start_generation(request, service, model_id, None, params, None, "",
-                                                             workers, prompt=prompt) for prompt in prompts])
+            # a string for messages: a raw prompt, without the chat template (streams.open_stream)
+            started = await start_together([start_generation(request, service, model_id, prompt, params, None, "",
+                                                             workers) for prompt in prompts])
         except Disconnected:
             return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
         except Exception as error:

@@ -21,7 +21,12 @@ from typing import AsyncIterator, Callable, Iterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from models.manager import ModelError, UnknownModel
+from sessions import LOCAL_USER, SessionNotFound
+
 from ..engine import Admission, Busy
+from ..generate import PromptTooLong
+from ..params import InvalidParams
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,32 @@ def worker_pool(config) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2 * config.max_concurrent_generations + 8, thread_name_prefix="gen-stream")
 
 
+def session_binding(request: Request, service, api_key: str | None) -> tuple[str | None, str]:
+    """`(session_id, owner)` of a request's `X-Session-Id` header (`(None, LOCAL_USER)` without one).
+
+    The HTTP APIs act for the local (no-login) user; behind an API key, the key holder may bind any
+    session by its id (the key is an operator's credential, SECURITY.md).
+    """
+    session_id = request.headers.get("x-session-id")
+    owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
+    return session_id, owner
+
+
+def error_status(error: BaseException) -> tuple[int, dict[str, str]] | None:
+    """The HTTP status (and headers) of what `start_generation` and a generation stream raise, the same
+    for every API: unknown model or session 404, busy 429 with Retry-After, model unavailable 503,
+    a bad prompt or setting 400. None for anything else (a bug: the caller answers 500 and logs it)."""
+    if isinstance(error, (UnknownModel, SessionNotFound)):
+        return 404, {}
+    if isinstance(error, Busy):
+        return 429, {"Retry-After": str(error.retry_after_s)}
+    if isinstance(error, ModelError):
+        return 503, {"Retry-After": "5"}
+    if isinstance(error, (PromptTooLong, InvalidParams, ValueError)):
+        return 400, {}
+    return None
+
+
 def bearer_ok(request: Request, api_key: str | None) -> bool:
     """Whether `request` carries `Authorization: Bearer <api_key>` (always true without a key)."""
     if not api_key:
@@ -45,12 +76,9 @@ def bearer_ok(request: Request, api_key: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-async def start_generation(request: Request, service, model_id: str, messages: list[dict] | None, params,
-                           session_id: str | None, owner: str, workers: ThreadPoolExecutor, *,
-                           prompt: str | None = None):
+async def start_generation(request: Request, service, model_id: str, messages: list[dict], params,
+                           session_id: str | None, owner: str, workers: ThreadPoolExecutor):
     """Queue for a slot (holding no thread), open the engine's stream and wait for its first chunk.
-
-    The generation answers chat `messages`, or continues the raw text `prompt` (no chat format, no session).
 
     Returns `(chunks, first)`; raises what went wrong (Busy, a model error, `Disconnected`...) after
     giving up the queue place or the stream.
@@ -61,7 +89,7 @@ async def start_generation(request: Request, service, model_id: str, messages: l
         await loop.run_in_executor(workers, service.model_record, model_id)  # unknown: 404 before queueing
         admission = service.engine.gate.reserve()  # a full queue: Busy, a 429
         await admitted(request, admission, service.engine.gate.wait_timeout_s)
-        chunks = open_stream(service, model_id, messages, params, session_id, owner, admission, workers, prompt)
+        chunks = open_stream(service, model_id, messages, params, session_id, owner, admission, workers)
         first = await next_or_disconnect(request, chunks, chunks.first)  # load errors surface here
         return chunks, first
     except BaseException:
@@ -124,12 +152,10 @@ def abandon(chunks: ChunkSource | None, admission: Admission | None) -> None:
         admission.release()
 
 
-def open_stream(service, model_id, messages, params, session_id, owner, admission, workers,
-                prompt: str | None = None) -> ChunkSource:
+def open_stream(service, model_id, messages, params, session_id, owner, admission, workers) -> ChunkSource:
+    """`messages`: chat messages, or a string (a raw prompt, sent without the chat template)."""
     cancel = threading.Event()
-    if prompt is not None:
-        iterator = service.complete_text(model_id, prompt, params, cancel, admission=admission)
-    elif session_id:
+    if session_id:
         iterator = session_stream(service, owner, session_id, model_id, messages, params, cancel, admission)
     else:
         iterator = service.complete(model_id, messages, params, cancel, admission=admission)
@@ -181,7 +207,7 @@ class EventStream(StreamingResponse):
 
 
 def session_stream(service, owner, session_id, model_id, messages, params, cancel, admission):
-    """Bind a /v1 request to a session: its last user message goes through the session's chat."""
+    """Bind an HTTP request to a session: its last user message goes through the session's chat."""
     from ..generate import Chunk
 
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -192,8 +218,10 @@ def session_stream(service, owner, session_id, model_id, messages, params, cance
         for update in updates:
             if update.done:
                 stats = update.stats
+                timings = {k: stats[k] for k in ("ttft_s", "total_s", "tokens_per_second") if k in stats}
                 yield Chunk(text=update.delta, completion_tokens=stats.get("completion_tokens", 0),
-                            prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason)
+                            prompt_tokens=stats.get("prompt_tokens", 0), finish_reason=update.finish_reason,
+                            timings=timings)
             elif update.delta:
                 yield Chunk(text=update.delta)
     finally:
