@@ -289,7 +289,7 @@ class BatchScheduler:
             return True
         if token is None:
             token = sample_next(logits.to("cpu"), request.params, request.generator, request.history)
-        return request.accept(token)
+        return request.accept(token, logits)
 
     def _remember(self, request: Request, batch: kv.Batch, row: int) -> None:
         if self.prefix and request.session_key:

@@ -27,6 +27,7 @@ class Chunk:
     prompt_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     timings: dict = field(default_factory=dict)
+    logprobs: list | None = None  # the TokenLogprobs of the tokens since the last chunk, when asked for
 
 
 class StopMatcher:

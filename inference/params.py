@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 200
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 class InvalidParams(ValueError):
@@ -26,6 +27,7 @@ class GenerationParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was already produced
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none reported; n: each produced token's logprob and the n most likely
 
     def __post_init__(self) -> None:
         _check_number("max_tokens", self.max_tokens, 1, 1_000_000, integer=True)
@@ -37,12 +39,14 @@ class GenerationParams:
         _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
             _check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
+        if self.logprobs is not None:
+            _check_number("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS, integer=True)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidParams(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for item in self.stop:
             if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
                 raise InvalidParams(f"stop: each stop string must be 1 to {MAX_STOP_LENGTH} characters")
-        for name in ("max_tokens", "top_k", "seed"):  # JSON's 64.0 passes as whole; the decode loop needs an int
+        for name in ("max_tokens", "top_k", "seed", "logprobs"):  # JSON's 64.0 passes as whole; the decode loop needs an int
             value = getattr(self, name)
             if isinstance(value, float):
                 object.__setattr__(self, name, int(value))

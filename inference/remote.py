@@ -14,6 +14,7 @@ from models.catalog import RemoteEngine
 from models.manager import ModelError
 
 from .generate import Chunk
+from .logprobs import TokenLogprob
 from .params import GenerationParams
 
 CONNECT_TIMEOUT_S = 5.0
@@ -25,9 +26,18 @@ class RemoteError(ModelError):
 
 
 def _request_body(engine: RemoteEngine, messages: list[dict], params: GenerationParams) -> dict:
+    """The chat request for the remote. Usage is asked for, so stats carry its prompt tokens; top-k and
+    the repetition penalty go as the extra fields vLLM (`repetition_penalty`) and llama.cpp's server
+    (`repeat_penalty`) read, each when it is not neutral."""
     body = {"model": engine.model, "messages": messages, "stream": True, "max_tokens": params.max_tokens,
             "temperature": params.temperature, "top_p": params.top_p,
             "stream_options": {"include_usage": True}}
+    if params.top_k:
+        body["top_k"] = params.top_k
+    if params.repetition_penalty != 1.0:
+        body["repetition_penalty"] = body["repeat_penalty"] = params.repetition_penalty
+    if params.logprobs is not None:
+        body["logprobs"], body["top_logprobs"] = True, params.logprobs
     if params.stop:
         body["stop"] = list(params.stop)
     if params.seed is not None:
@@ -70,10 +80,13 @@ def stream_remote(engine: RemoteEngine, messages: list[dict], params: Generation
                 for choice in event.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or ""
                     reason = choice.get("finish_reason") or reason
-                    if text:
+                    logprobs = _logprobs(choice, label) if params.logprobs is not None else None
+                    if text and logprobs == []:  # asked for, and the remote ignored it: never pass that off
+                        raise RemoteError(f"{label} does not return logprobs; ask without 'logprobs'")
+                    if text or logprobs:
                         produced += 1
                         first_at = first_at or time.perf_counter()
-                        yield Chunk(text=text, completion_tokens=produced)
+                        yield Chunk(text=text, completion_tokens=produced, logprobs=logprobs)
             if not events and reason != "cancelled":  # e.g. a web page, or a server that ignored "stream"
                 kind = response.headers.get("content-type", "no content type")
                 raise RemoteError(f"{label} did not answer with an OpenAI event stream (it sent {kind})")
@@ -86,6 +99,19 @@ def stream_remote(engine: RemoteEngine, messages: list[dict], params: Generation
                 finish_reason=reason or "stop",
                 timings={"ttft_s": (first_at or finished) - started, "total_s": finished - started,
                          "tokens_per_second": (completion - 1) / decode if completion > 1 and decode > 0 else 0.0})
+
+
+def _logprobs(choice: dict, label: str) -> list[TokenLogprob]:
+    """A streamed choice's `logprobs.content` (OpenAI's shape) as the engine's token logprobs."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    try:
+        return [TokenLogprob(entry["token"], list(entry.get("bytes") or entry["token"].encode()),
+                             float(entry["logprob"]),
+                             [TokenLogprob(alt["token"], list(alt.get("bytes") or alt["token"].encode()),
+                                           float(alt["logprob"])) for alt in entry.get("top_logprobs") or []])
+                for entry in content]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise RemoteError(f"{label} sent logprobs this server cannot read: {str(content)[:100]}") from None
 
 
 def _parse_event(data: str, label: str) -> dict:

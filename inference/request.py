@@ -19,7 +19,9 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .generate import Chunk, StopMatcher, check_prompt
+from .logprobs import TokenLogprob, TokenTexts
 from .params import GenerationParams
+from .sampling import token_logprobs
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Request:
     report_cache: bool = False  # whether the last chunk's timings say `cached_prompt_tokens`
     finished: bool = False
     on_done: Callable[[], None] | None = None  # called once, on the decode loop, when the request ends
+    token_texts: TokenTexts | None = None  # set when the request asks for logprobs
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a chunk
 
     @classmethod
     def create(cls, lm, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
@@ -52,27 +56,35 @@ class Request:
         if not params.greedy:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
+        token_texts = None
+        if params.logprobs is not None:  # one table per model, filled as tokens come up
+            token_texts = lm.runtime.setdefault("token_texts", TokenTexts(lm.tokenizer))
         return cls(list(prompt_ids), params, cancel, session_key,
                    budget=min(params.max_tokens, lm.context_length - len(prompt_ids)),
                    detok=IncrementalDetokenizer(lm.tokenizer), stops=StopMatcher(params.stop),
-                   stop_token_ids=lm.stop_token_ids, generator=generator, on_done=on_done)
+                   stop_token_ids=lm.stop_token_ids, generator=generator, on_done=on_done,
+                   token_texts=token_texts)
 
     @property
     def history(self) -> torch.Tensor | None:
         """The produced tokens, when a penalty needs them."""
         return torch.tensor(self.produced, dtype=torch.long) if self.params.penalised else None
 
-    def accept(self, token: int) -> bool:
-        """Take the next sampled token and stream its text; True once the request is finished."""
+    def accept(self, token: int, logits: torch.Tensor | None = None) -> bool:
+        """Take the next sampled token (drawn from `logits`, which a request asking for logprobs
+        needs) and stream its text; True once the request is finished."""
         if self.first_at is None:
             self.first_at = time.perf_counter()
         if token in self.stop_token_ids:
             self.finish("stop")
             return True
         self.produced.append(token)
+        if self.token_texts is not None and logits is not None:
+            self.pending_logprobs.append(self._logprob_of(token, logits))
         text, hit = self.stops.feed(self.detok.add(token))
         if text:
-            self.out.put(Chunk(text=text, completion_tokens=len(self.produced), prompt_tokens=len(self.prompt_ids)))
+            self.out.put(Chunk(text=text, completion_tokens=len(self.produced), prompt_tokens=len(self.prompt_ids),
+                               logprobs=self._take_logprobs()))
         if hit:
             self.finish("stop", stopped_by_string=True)
             return True
@@ -96,8 +108,20 @@ class Request:
             timings["cached_prompt_tokens"] = self.reused
         self.finished = True
         self.out.put(Chunk(text=tail, completion_tokens=produced, prompt_tokens=len(self.prompt_ids),
-                           finish_reason=reason, timings=timings))
+                           finish_reason=reason, timings=timings, logprobs=self._take_logprobs()))
         self._done()
+
+    def _logprob_of(self, token: int, logits: torch.Tensor) -> TokenLogprob:
+        chosen, top = token_logprobs(logits, token, self.params.logprobs)
+        return TokenLogprob(*self.token_texts(token), chosen,
+                            [TokenLogprob(*self.token_texts(alt), value) for alt, value in top])
+
+    def _take_logprobs(self) -> list[TokenLogprob] | None:
+        """The logprobs of the tokens since the last chunk (None when the request did not ask)."""
+        if self.token_texts is None:
+            return None
+        taken, self.pending_logprobs = self.pending_logprobs, []
+        return taken
 
     def fail(self, error: BaseException) -> None:
         """End the request with `error`, which its caller's stream raises."""

@@ -95,3 +95,15 @@ def keep_nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tokens after the smallest best-first prefix whose probability exceeds top_p."""
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     return sorted_probs.masked_fill(before > top_p, 0.0)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log probability of `token` and the `top_n` most likely tokens (id, log probability), best
+    first, under the model's own distribution: the log-softmax of the raw logits, before any penalty,
+    temperature or filter."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = float(logprobs[token])
+    if not top_n:
+        return chosen, []
+    values, ids = torch.topk(logprobs, min(top_n, logprobs.numel()))
+    return chosen, list(zip(ids.tolist(), values.tolist()))

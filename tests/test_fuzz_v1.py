@@ -137,7 +137,7 @@ def test_odd_session_headers_are_refused(http, session_id):
 
 
 def test_wrong_methods_and_unknown_routes(http):
-    requests = [("GET", "/v1/chat/completions"), ("POST", "/v1/models"), ("POST", "/v1/completions"),
+    requests = [("GET", "/v1/chat/completions"), ("POST", "/v1/models"), ("GET", "/v1/completions"),
                 ("POST", "/v1/embeddings"), ("DELETE", "/v1/chat/completions"), ("GET", "/v1/models/no/such/model"),
                 ("GET", "/v1/../etc/passwd")]
     for method, path in requests:  # routes the Gradio mount does not know either answer 404

@@ -181,7 +181,8 @@ def test_malformed_json_is_400(app):
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"model": None}, "model"),
     ({"stream": "yes"}, "stream"),
-    ({"n": 3}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 99}, "n"),
     ({"stream": True, "stream_options": 5}, "stream_options"),
 ])
 def test_bad_parameters_are_400_in_openai_shape(app, change, param):

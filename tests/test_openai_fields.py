@@ -24,8 +24,6 @@ def post(app, **fields):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True),
-    ("top_logprobs", 3),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}),

@@ -7,6 +7,8 @@ The last test shuts `far` down.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,10 +39,17 @@ class _BrokenRemote(BaseHTTPRequestHandler):
     """An "OpenAI-compatible" server that answers with broken event streams, chosen by the model name."""
 
     EVENTS = {"not-json": b"data: {this is not json\n\n", "error-string": b'data: {"error": "the GPU caught fire"}\n\n',
-              "html": b"<html>oops</html>"}
+              "html": b"<html>oops</html>",
+              # a plain server that answers well but knows nothing of logprobs, and reports usage last
+              "recorded-ok": b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}\n\n'
+                             b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+                             b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 1}}\n\n'
+                             b"data: [DONE]\n\n"}
+    bodies: list[dict] = []  # every request body received, for the tests to read
 
     def do_POST(self):  # noqa: N802 - the http.server API
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.bodies.append(json.loads(body))
         model = next((name for name in self.EVENTS if name.encode() in body), "not-json")
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -68,7 +77,7 @@ def near(tmp_path_factory, tiny_models, model_cache, far, broken_remote):
                f"far-nomodel={base},model=no-such-model,key={FAR_KEY}",
                f"nowhere=http://127.0.0.1:{free_port()}/v1,model=x",
                f"garbled={broken_remote},model=not-json", f"failing={broken_remote},model=error-string",
-               f"html={broken_remote},model=html"]
+               f"html={broken_remote},model=html", f"recorded={broken_remote},model=recorded-ok"]
     config = app_config(tmp_path_factory.mktemp("near"), {"llama": tiny_models["llama"]}, model_cache,
                         remotes=remotes)
     with running_app(config) as running:
@@ -146,6 +155,51 @@ def test_v1_serves_the_remote_model(near):
         assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_logprobs_pass_through_to_the_remote(near, far):
+    question = [{"role": "user", "content": "Hi"}]
+    with OpenAI(base_url=near.v1, api_key="unused", max_retries=0, timeout=60) as client, far_client(far) as direct:
+        through = client.chat.completions.create(model="far", messages=question, max_tokens=5, temperature=0,
+                                                 logprobs=True, top_logprobs=2)
+        expected = direct.chat.completions.create(model="tiny-llama", messages=question, max_tokens=5,
+                                                  temperature=0, logprobs=True, top_logprobs=2)
+        got, want = through.choices[0].logprobs.content, expected.choices[0].logprobs.content
+        assert [t.token for t in got] == [t.token for t in want] and len(got) > 0
+        assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-4) and len(a.top_logprobs) == 2
+                   for a, b in zip(got, want))
+        streamed = list(client.chat.completions.create(model="far", messages=question, max_tokens=5, temperature=0,
+                                                       logprobs=True, stream=True))
+        tokens = [t.token for c in streamed if c.choices and c.choices[0].logprobs
+                  for t in c.choices[0].logprobs.content]
+        assert tokens == [t.token for t in want]
+
+
+def test_text_completions_are_refused_for_a_remote(near):
+    with OpenAI(base_url=near.v1, api_key="unused", max_retries=0, timeout=60) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="far", prompt="Once upon a time", max_tokens=4)
+    assert "remote engine" in caught.value.message
+
+
+def test_remote_gets_top_k_repetition_penalty_and_usage(near, client, session):
+    _BrokenRemote.bodies.clear()
+    settings = '{"temperature": 0.5, "top_k": 7, "repetition_penalty": 1.3, "max_tokens": 5}'
+    assert client.predict(session["id"], "Hello", "recorded", settings, api_name="/chat") == "Hi"
+    body = _BrokenRemote.bodies[-1]
+    assert body["top_k"] == 7 and body["repetition_penalty"] == body["repeat_penalty"] == 1.3
+    assert body["stream_options"] == {"include_usage": True} and "logprobs" not in body
+    stored = [m for m in near.service.messages(LOCAL_USER, session["id"]) if m["role"] == "assistant"][-1]
+    assert stored["stats"]["prompt_tokens"] == 7  # the remote's own count, from the usage it was asked for
+
+
+def test_remote_that_ignores_logprobs_is_an_error_not_a_silent_answer(near):
+    with OpenAI(base_url=near.v1, api_key="unused", max_retries=0, timeout=60) as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="recorded", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=5, logprobs=True)
+    assert "does not return logprobs" in caught.value.message
+    assert _BrokenRemote.bodies[-1]["logprobs"] is True and _BrokenRemote.bodies[-1]["top_logprobs"] == 0
+
+
 def test_stop_reaches_the_remote(far, client, session):
     with counted_forwards(far.service, "tiny-llama", delay_s=0.05) as forwards:
         job = client.submit(session["id"], "Tell me a long story.", "far", '{"temperature": 0, "max_tokens": 4000}',
@@ -215,3 +269,17 @@ def test_openai_penalties_reach_the_remote_only_when_set():
     assert "presence_penalty" not in plain and "frequency_penalty" not in plain
     penalised = _request_body(engine, [], GenerationParams(presence_penalty=0.5, frequency_penalty=-0.5))
     assert penalised["presence_penalty"] == 0.5 and penalised["frequency_penalty"] == -0.5
+
+
+def test_sampling_extras_reach_the_remote_only_when_set():
+    from inference.params import GenerationParams
+    from inference.remote import _request_body
+    from models.catalog import RemoteEngine
+
+    engine = RemoteEngine("http://x/v1", "m")
+    plain = _request_body(engine, [], GenerationParams(top_k=0))
+    assert not {"top_k", "repetition_penalty", "repeat_penalty", "logprobs", "top_logprobs"} & set(plain)
+    assert plain["stream_options"] == {"include_usage": True}
+    asked = _request_body(engine, [], GenerationParams(top_k=20, repetition_penalty=1.1, logprobs=3))
+    assert asked["top_k"] == 20 and asked["repetition_penalty"] == asked["repeat_penalty"] == 1.1
+    assert asked["logprobs"] is True and asked["top_logprobs"] == 3

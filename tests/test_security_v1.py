@@ -52,8 +52,8 @@ def v1_routes(running) -> list[tuple[str, str]]:
 
 def request_body(path: str) -> dict:
     """A valid body for each POST route (a GET gets none)."""
-    if path.startswith("/v1/"):
-        return {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+    if path.startswith("/v1/"):  # chat reads messages, /v1/completions the prompt; each ignores the other
+        return {"model": MODEL, "messages": HELLO, "prompt": "Hello", "max_tokens": 2}
     return {"model": MODEL, "messages": HELLO, "prompt": "Hello", "stream": False, "options": {"num_predict": 2}}
 
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes (`/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`) and `/health`, as a FastAPI router.
+"""OpenAI-compatible routes (`/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, and `/v1/completions`
+from `completions`) and `/health`, as a FastAPI router.
 
 Admission, the worker threads and the connection watch are `streams`'s; this module turns OpenAI's
 request into the engine's and the engine's chunks into server-sent events (or one JSON body).
@@ -6,6 +7,8 @@ request into the engine's and the engine's chunks into server-sent events (or on
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -21,6 +24,7 @@ from sessions import LOCAL_USER, SessionNotFound
 from ..engine import Busy
 from ..generate import PromptTooLong
 from ..params import GenerationParams, InvalidParams
+from .choices import merge_events, merge_replies, start_together
 from .streams import ChunkSource, Disconnected, EventStream, bearer_ok, next_or_disconnect, start_generation, worker_pool
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,6 @@ _IGNORED_FIELDS = {"n", "user", "stream_options", "logit_bias", "model",
 # neutral value, which clients such as LangChain send by default) is refused with a 400 naming it,
 # never answered as if it had been honoured.
 _UNSUPPORTED_FIELDS = {
-    "logprobs": lambda value: value not in (None, False),
-    "top_logprobs": lambda value: value not in (None, 0),
     "tools": lambda value: value not in (None, []),
     "tool_choice": lambda value: value not in (None, "none", "auto"),
     "response_format": lambda value: value is not None and value != {"type": "text"},
@@ -100,6 +102,16 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             _check_length(messages, config.max_prompt_chars)
             include_usage = _include_usage(body)
             session_id = request.headers.get("x-session-id")
+            if session_id and params.logprobs is not None:
+                raise APIError(400, "'logprobs' is not available for a request bound to a session "
+                                    "(X-Session-Id)", param="logprobs")
+            choices = _choice_count(body, config.max_concurrent_generations)
+            if choices > 1:
+                if session_id:
+                    raise APIError(400, "'n' above 1 is not available for a request bound to a session "
+                                        "(X-Session-Id): a session stores one reply", param="n")
+                return await _several_choices(request, service, model_id, messages, params, choices, workers,
+                                              stream, include_usage)
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             chunks, first = await start_generation(request, service, model_id, messages, params, session_id,
@@ -115,6 +127,9 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             return EventStream(events, on_close=chunks.close_soon)
         return await _collect(request, chunks, first, completion_id, created, model_id)
 
+    from .completions import add_completions_route  # it builds on this module's helpers
+
+    add_completions_route(router, service, workers, check_key)
     add_unknown_route_answers(router)
     return router
 
@@ -157,13 +172,12 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - _IGNORED_FIELDS)
     if unknown:
         log.info("ignoring unsupported fields: %s", ", ".join(unknown))
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, "only n=1 is supported", param="n")
     for field, asks_for_it in _UNSUPPORTED_FIELDS.items():
         if asks_for_it(body.get(field)):
             raise APIError(400, f"'{field}' is not supported by this server yet; send it without this field "
                                 f"(README lists the fields /v1 honours)", param=field)
     sampling = {target: body[source] for source, target in _SAMPLING_FIELDS.items() if body.get(source) is not None}
+    sampling["logprobs"] = _chat_logprobs(body)
     sampling.setdefault("temperature", 1.0)
     sampling.setdefault("top_p", 1.0)
     sampling.setdefault("top_k", 0)
@@ -175,6 +189,39 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", param="stream")
     return model_id, clean, params, stream
+
+
+def _choice_count(body: dict, limit: int) -> int:
+    """OpenAI's `n`: how many choices to generate, at most one per generation slot (they run together)."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise APIError(400, f"'n' must be a whole number from 1 to {limit} on this server "
+                            f"(one choice per generation slot, --max-concurrent)", param="n")
+    return n
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's `logprobs` (true/false) and `top_logprobs` (0-20, only with logprobs) as the engine's
+    setting: None for none, else how many alternatives each token reports."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError(400, "'logprobs' must be true or false", param="logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise APIError(400, "'top_logprobs' must be a whole number from 0 to 20", param="top_logprobs")
+    if not wanted:
+        if top:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def _openai_logprobs(chunk) -> dict | None:
+    """A chunk's token logprobs as a chat choice's `logprobs` (None when the request did not ask)."""
+    if chunk is None or chunk.logprobs is None:
+        return None
+    return {"content": [entry.to_openai() for entry in chunk.logprobs], "refusal": None}
 
 
 def _check_length(messages: list[dict], max_chars: int) -> None:
@@ -202,7 +249,7 @@ def _model_object(record: dict) -> dict:
             "context_length": record["context_length"], "instruct": record["instruct"]}
 
 
-V1_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+V1_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
 
 def add_unknown_route_answers(router: APIRouter) -> None:
@@ -244,9 +291,10 @@ def _finish(chunk) -> str:
 async def _sse_events(request: Request, source: ChunkSource, first, completion_id, created, model_id,
                       include_usage) -> AsyncIterator[bytes]:
     """The reply as server-sent events; `EventStream` closes `source` however this ends."""
-    def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+    def event(delta: dict, finish: str | None = None, usage: dict | None = None, logprobs: dict | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+                   "choices": [choice] if usage is None else []}
         if usage is not None:
             payload["usage"] = usage
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
@@ -255,8 +303,9 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
     try:
         yield event({"role": "assistant", "content": ""})
         while chunk is not None:
-            if chunk.text:
-                yield event({"content": chunk.text})
+            logprobs = _openai_logprobs(chunk)
+            if chunk.text or (logprobs and logprobs["content"]):
+                yield event({"content": chunk.text}, logprobs=logprobs)
             if chunk.finish_reason is not None:
                 yield event({}, _finish(chunk))
                 if include_usage:
@@ -276,11 +325,14 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
 
 
 async def _collect(request, source: ChunkSource, first, completion_id, created, model_id):
-    text, chunk, last = "", first, first
+    text, chunk, last, logprobs = "", first, first, None
     try:
         while chunk is not None:
             text += chunk.text
             last = chunk
+            if chunk.logprobs is not None:
+                logprobs = logprobs or {"content": [], "refusal": None}
+                logprobs["content"] += _openai_logprobs(chunk)["content"]
             if chunk.finish_reason is not None:
                 break
             chunk = await next_or_disconnect(request, source)
@@ -294,8 +346,35 @@ async def _collect(request, source: ChunkSource, first, completion_id, created, 
     completion_tokens = getattr(last, "completion_tokens", 0) if last else 0
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                      "finish_reason": _finish(last) if last else "stop"}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+
+
+# ----- n > 1: several choices, each its own row of the batch ------------------------------------------------
+async def _several_choices(request: Request, service, model_id, messages, params, n: int, workers, stream: bool,
+                           include_usage: bool):
+    """Generate `n` choices as `n` generations of the same prompt (the batch scheduler runs them as rows of
+    one batch), then answer as one reply whose choices are indexed 0..n-1. Each choice goes through the
+    one-choice code (`_collect`, `_sse_events`); `choices` starts them together and merges what they give.
+    A seed gives each choice its own (seed + index), so that sampled choices differ."""
+    def choice_params(index: int) -> GenerationParams:
+        return params if params.seed is None else dataclasses.replace(params, seed=(params.seed + index) % 2**63)
+
+    try:
+        started = await start_together([start_generation(request, service, model_id, messages, choice_params(index),
+                                                          None, LOCAL_USER, workers) for index in range(n)])
+    except Disconnected:
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    except Exception as error:
+        return _as_api_error(error).response()
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if stream:
+        streams = [_sse_events(request, chunks, first, completion_id, created, model_id, True)
+                   for chunks, first in started]
+        return EventStream(merge_events(streams, include_usage),
+                           on_close=lambda: [chunks.close_soon() for chunks, _ in started])
+    return merge_replies(await asyncio.gather(*(_collect(request, chunks, first, completion_id, created, model_id)
+                                                for chunks, first in started)))
