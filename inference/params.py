@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 200
@@ -26,6 +26,10 @@ class GenerationParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was already produced
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Structured output, in OpenAI's shape: None (free text), {"type": "json_object"}, or {"type": "json_schema",
+    # "json_schema": {"name", "schema", "strict"}}; normalised and checked here (inference/grammar.py), enforced
+    # by constrained decoding. The Ollama routes map their `format` onto it.
+    response_format: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         _check_number("max_tokens", self.max_tokens, 1, 1_000_000, integer=True)
@@ -42,6 +46,13 @@ class GenerationParams:
         for item in self.stop:
             if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
                 raise InvalidParams(f"stop: each stop string must be 1 to {MAX_STOP_LENGTH} characters")
+        if self.response_format is not None:
+            from .grammar import GrammarError, check_response_format
+
+            try:
+                object.__setattr__(self, "response_format", check_response_format(self.response_format))
+            except GrammarError as error:
+                raise InvalidParams(str(error)) from None
         for name in ("max_tokens", "top_k", "seed"):  # JSON's 64.0 passes as whole; the decode loop needs an int
             value = getattr(self, name)
             if isinstance(value, float):
@@ -93,7 +104,7 @@ def _check_number(name, value, low, high, *, integer=False, low_open=False) -> N
 
 
 SETTINGS_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "system_prompt", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty")
+                 "presence_penalty", "frequency_penalty", "response_format")
 
 
 def parse_settings(raw: str | dict | None) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .generate import Chunk, StopMatcher, check_prompt
+from .grammar import Constraint, GrammarError, constraint_for
 from .params import GenerationParams
 
 
@@ -42,6 +43,7 @@ class Request:
     report_cache: bool = False  # whether the last chunk's timings say `cached_prompt_tokens`
     finished: bool = False
     on_done: Callable[[], None] | None = None  # called once, on the decode loop, when the request ends
+    grammar: Constraint | None = None  # constrained decoding (`params.response_format`): the tokens allowed next
 
     @classmethod
     def create(cls, lm, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
@@ -52,15 +54,20 @@ class Request:
         if not params.greedy:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
+        grammar = constraint_for(lm, params.response_format) if params.response_format else None
         return cls(list(prompt_ids), params, cancel, session_key,
                    budget=min(params.max_tokens, lm.context_length - len(prompt_ids)),
                    detok=IncrementalDetokenizer(lm.tokenizer), stops=StopMatcher(params.stop),
-                   stop_token_ids=lm.stop_token_ids, generator=generator, on_done=on_done)
+                   stop_token_ids=lm.stop_token_ids, generator=generator, on_done=on_done, grammar=grammar)
 
     @property
     def history(self) -> torch.Tensor | None:
         """The produced tokens, when a penalty needs them."""
         return torch.tensor(self.produced, dtype=torch.long) if self.params.penalised else None
+
+    def allowed(self, vocab_size: int) -> torch.Tensor | None:
+        """The tokens the grammar allows next (a boolean mask), or None when the reply is free text."""
+        return self.grammar.allowed(vocab_size) if self.grammar is not None else None
 
     def accept(self, token: int) -> bool:
         """Take the next sampled token and stream its text; True once the request is finished."""
@@ -76,10 +83,24 @@ class Request:
         if hit:
             self.finish("stop", stopped_by_string=True)
             return True
+        if self.grammar is not None and self._advance_grammar(token):
+            return True
         if len(self.produced) >= self.budget:
             self.finish("length")
             return True
         return False
+
+    def _advance_grammar(self, token: int) -> bool:
+        """Feed the token to the grammar; True once that ended the request: the grammar is complete (finish
+        reason "stop"), or the matcher failed (the request fails, the rest of the batch carries on)."""
+        try:
+            complete = self.grammar.advance(token)
+        except GrammarError as error:
+            self.fail(error)
+            return True
+        if complete:
+            self.finish("stop")
+        return complete
 
     def finish(self, reason: str, stopped_by_string: bool = False) -> None:
         """Stream the held-back text and the last chunk: finish reason, token counts and timings."""

@@ -30,7 +30,7 @@ MAX_ERROR_CHARS = 500
 _SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                     "top_p": "top_p", "top_k": "top_k", "stop": "stop", "seed": "seed",
                     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-                    "frequency_penalty": "frequency_penalty"}
+                    "frequency_penalty": "frequency_penalty", "response_format": "response_format"}
 _IGNORED_FIELDS = {"n", "user", "stream_options", "logit_bias", "model",
                    "messages", "stream", "response_format", "tools", "tool_choice", "logprobs", "top_logprobs",
                    "parallel_tool_calls", "metadata", "store", "service_tier"}
@@ -42,7 +42,6 @@ _UNSUPPORTED_FIELDS = {
     "top_logprobs": lambda value: value not in (None, 0),
     "tools": lambda value: value not in (None, []),
     "tool_choice": lambda value: value not in (None, "none", "auto"),
-    "response_format": lambda value: value is not None and value != {"type": "text"},
     "logit_bias": lambda value: value not in (None, {}),
 }
 
