@@ -127,12 +127,24 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
-def constraint_for(lm, response_format: dict) -> Constraint:
-    """A fresh matcher of `response_format` (normalised) for the loaded model `lm`."""
+def request_grammar(params) -> str | None:
+    """The grammar a request's reply must follow: forced tool calls (inference/tools.py), else its
+    response_format; None for free text."""
+    import llguidance
+
+    if params.tools is not None and params.tools.forced:
+        return llguidance.LLMatcher.grammar_from_lark(params.tools.grammar())
+    if params.response_format:
+        return grammar_source(params.response_format)
+    return None
+
+
+def constraint_for(lm, grammar: str) -> Constraint:
+    """A fresh matcher of `grammar` (llguidance's) for the loaded model `lm`."""
     import llguidance
 
     tokenizer, vocab_size = _lltokenizer(lm)
-    matcher = llguidance.LLMatcher(tokenizer, grammar_source(response_format), limits=_limits())
+    matcher = llguidance.LLMatcher(tokenizer, grammar, limits=_limits())
     if matcher.is_error():
         raise GrammarError(f"{FIELD}: {matcher.get_error()}")
     return Constraint(matcher, vocab_size, sorted(lm.stop_token_ids))

@@ -30,6 +30,9 @@ class GenerationParams:
     # "json_schema": {"name", "schema", "strict"}}; normalised and checked here (inference/grammar.py), enforced
     # by constrained decoding. The Ollama routes map their `format` onto it.
     response_format: dict | None = field(default=None, hash=False)
+    # Tool calling (inference/tools.py `ToolSet`: the functions offered, tool_choice, parallel_tool_calls):
+    # rendered into the prompt, and with tool_choice "required" or a named function, enforced like a schema.
+    tools: object | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         _check_number("max_tokens", self.max_tokens, 1, 1_000_000, integer=True)
@@ -53,6 +56,16 @@ class GenerationParams:
                 object.__setattr__(self, "response_format", check_response_format(self.response_format))
             except GrammarError as error:
                 raise InvalidParams(str(error)) from None
+        if self.tools is not None:
+            from .tools import ToolSet
+
+            if isinstance(self.tools, dict):  # from to_dict()
+                try:
+                    object.__setattr__(self, "tools", ToolSet.from_dict(self.tools))
+                except (KeyError, TypeError):
+                    raise InvalidParams("tools: not a ToolSet's fields") from None
+            if not isinstance(self.tools, ToolSet):
+                raise InvalidParams("tools: must be a ToolSet (inference/tools.py parse_tool_request)")
         for name in ("max_tokens", "top_k", "seed"):  # JSON's 64.0 passes as whole; the decode loop needs an int
             value = getattr(self, name)
             if isinstance(value, float):

@@ -25,8 +25,9 @@ class Peer(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def prepare(self, messages: list[dict]) -> object:
-        """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`)."""
+    def prepare(self, messages: list[dict], tools=None) -> object:
+        """Check and render `messages` (and the `ToolSet` offered, if any) before a generation slot is taken
+        (raises `PromptTooLong`)."""
 
     def stream(self, prepared: object, params: GenerationParams, cancel: threading.Event,
                session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
@@ -45,8 +46,13 @@ class LocalPeer:
     def count_tokens(self, text: str) -> int:
         return self.model.count_tokens(text)
 
-    def prepare(self, messages: list[dict]) -> list[int]:
-        prompt_ids = self.model.render_chat(messages)
+    def prepare(self, messages: list[dict], tools=None) -> list[int]:
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            from .tools import render_prompt
+
+            prompt_ids = self.model.encode(render_prompt(self.model, messages, tools))
+        else:
+            prompt_ids = self.model.render_chat(messages)
         check_prompt(len(prompt_ids), self.context_length)
         return prompt_ids
 
@@ -69,7 +75,9 @@ class RemotePeer:
     def count_tokens(text: str) -> int:
         return approx_tokens(text)
 
-    def prepare(self, messages: list[dict]) -> list[dict]:
+    def prepare(self, messages: list[dict], tools=None) -> list[dict]:
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise ValueError("tools: tool calling is not passed on to remote engines yet")
         return messages
 
     def stream(self, messages: list[dict], params: GenerationParams, cancel: threading.Event,

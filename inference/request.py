@@ -19,7 +19,7 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .generate import Chunk, StopMatcher, check_prompt
-from .grammar import Constraint, GrammarError, constraint_for
+from .grammar import Constraint, GrammarError, constraint_for, request_grammar
 from .params import GenerationParams
 
 
@@ -43,7 +43,7 @@ class Request:
     report_cache: bool = False  # whether the last chunk's timings say `cached_prompt_tokens`
     finished: bool = False
     on_done: Callable[[], None] | None = None  # called once, on the decode loop, when the request ends
-    grammar: Constraint | None = None  # constrained decoding (`params.response_format`): the tokens allowed next
+    grammar: Constraint | None = None  # constrained decoding (response_format, forced tool calls)
 
     @classmethod
     def create(cls, lm, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
@@ -54,7 +54,8 @@ class Request:
         if not params.greedy:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
-        grammar = constraint_for(lm, params.response_format) if params.response_format else None
+        source = request_grammar(params)
+        grammar = constraint_for(lm, source) if source else None
         return cls(list(prompt_ids), params, cancel, session_key,
                    budget=min(params.max_tokens, lm.context_length - len(prompt_ids)),
                    detok=IncrementalDetokenizer(lm.tokenizer), stops=StopMatcher(params.stop),

@@ -131,7 +131,7 @@ def test_v1_request_parsing_returns_or_answers_400(body):
         assert_clear(error)
         return
     assert isinstance(model_id, str) and model_id
-    assert clean and all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
+    assert clean and all(m["role"] in ("system", "user", "assistant", "tool") and isinstance(m["content"], str)
                          for m in clean)
     assert isinstance(stream, bool)
     assert_valid(params, LIMIT)

@@ -26,7 +26,6 @@ def post(app, **fields):
 @pytest.mark.parametrize("field, value", [
     ("logprobs", True),
     ("top_logprobs", 3),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"),
     ("logit_bias", {"42": 10}),
 ])

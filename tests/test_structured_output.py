@@ -167,7 +167,8 @@ def test_gradio_chat_settings_take_a_response_format(app):
         status, reply = gradio_call(http, "chat", session["id"], "Describe a person.", "tiny-gemma3", settings)
         assert status == "complete", reply
         jsonschema.validate(json.loads(reply), PERSON)
-        bad = json.dumps({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}})
+        bad = json.dumps({"response_format": {"type": "json_schema",
+                                               "json_schema": {"name": "x", "schema": {"not": {}}}}})
         status, message = gradio_call(http, "chat", session["id"], "Again.", "tiny-gemma3", bad)
         assert status == "error" and "response_format.json_schema.schema" in str(message), message
 
@@ -197,7 +198,8 @@ def test_settings_round_trip_and_normalise():
 schemas = st.recursive(
     st.fixed_dictionaries({}, optional={"type": st.sampled_from(["object", "string", "integer", "array", "bad", 1]),
                                         "maxLength": st.integers(-1, 4), "enum": st.lists(st.integers(), max_size=2),
-                                        "not": st.just({}), "$ref": st.text(max_size=6), "format": st.text(max_size=6)}),
+                                        "not": st.just({}), "$ref": st.text(max_size=6),
+                                        "format": st.text(max_size=6)}),
     lambda inner: st.fixed_dictionaries({"type": st.just("object")},
                                         optional={"properties": st.dictionaries(st.text(max_size=3), inner, max_size=3),
                                                   "required": st.lists(st.text(max_size=3), max_size=2),

@@ -21,6 +21,7 @@ from sessions import LOCAL_USER, SessionNotFound
 from ..engine import Busy
 from ..generate import PromptTooLong
 from ..params import GenerationParams, InvalidParams
+from ..tools import ToolCallStream, ToolError, chat_message, parse_tool_calls, parse_tool_request
 from .streams import ChunkSource, Disconnected, EventStream, bearer_ok, next_or_disconnect, start_generation, worker_pool
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ _IGNORED_FIELDS = {"n", "user", "stream_options", "logit_bias", "model",
 _UNSUPPORTED_FIELDS = {
     "logprobs": lambda value: value not in (None, False),
     "top_logprobs": lambda value: value not in (None, 0),
-    "tools": lambda value: value not in (None, []),
-    "tool_choice": lambda value: value not in (None, "none", "auto"),
     "logit_bias": lambda value: value not in (None, {}),
 }
 
@@ -99,6 +98,10 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             _check_length(messages, config.max_prompt_chars)
             include_usage = _include_usage(body)
             session_id = request.headers.get("x-session-id")
+            if session_id and (params.tools is not None or any(m["role"] == "tool" or "tool_calls" in m
+                                                               for m in messages)):
+                raise APIError(400, "tools: a request bound to a session (X-Session-Id) cannot use tools",
+                               param="tools")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             chunks, first = await start_generation(request, service, model_id, messages, params, session_id,
@@ -110,9 +113,9 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
-            events = _sse_events(request, chunks, first, completion_id, created, model_id, include_usage)
+            events = _sse_events(request, chunks, first, completion_id, created, model_id, include_usage, params.tools)
             return EventStream(events, on_close=chunks.close_soon)
-        return await _collect(request, chunks, first, completion_id, created, model_id)
+        return await _collect(request, chunks, first, completion_id, created, model_id, params.tools)
 
     add_unknown_route_answers(router)
     return router
@@ -139,8 +142,15 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     clean = []
     for index, message in enumerate(messages):
+        if isinstance(message, dict) and (message.get("role") == "tool" or
+                                          (message.get("role") == "assistant" and message.get("tool_calls"))):
+            try:
+                clean.append(chat_message(message, index))
+            except ToolError as error:
+                raise APIError(400, str(error), param=error.param) from None
+            continue
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
-            raise APIError(400, f"messages[{index}] needs a role of system, user or assistant",
+            raise APIError(400, f"messages[{index}] needs a role of system, user, assistant or tool",
                            param=f"messages[{index}].role")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
@@ -166,6 +176,10 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     sampling.setdefault("temperature", 1.0)
     sampling.setdefault("top_p", 1.0)
     sampling.setdefault("top_k", 0)
+    try:
+        sampling["tools"] = parse_tool_request(body)
+    except ToolError as error:
+        raise APIError(400, str(error), param=error.param) from None
     try:
         params = GenerationParams.from_dict(sampling, max_tokens_limit=max_tokens_limit)
     except (InvalidParams, TypeError) as error:
@@ -241,7 +255,7 @@ def _finish(chunk) -> str:
 
 
 async def _sse_events(request: Request, source: ChunkSource, first, completion_id, created, model_id,
-                      include_usage) -> AsyncIterator[bytes]:
+                      include_usage, tools=None) -> AsyncIterator[bytes]:
     """The reply as server-sent events; `EventStream` closes `source` however this ends."""
     def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
@@ -251,13 +265,18 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
     chunk = first
+    splitter = ToolCallStream(tools) if tools is not None else None
     try:
         yield event({"role": "assistant", "content": ""})
         while chunk is not None:
-            if chunk.text:
+            if splitter is not None:
+                for delta in _tool_deltas(splitter, chunk):
+                    yield event(delta)
+            elif chunk.text:
                 yield event({"content": chunk.text})
             if chunk.finish_reason is not None:
-                yield event({}, _finish(chunk))
+                called = splitter is not None and splitter.calls and chunk.finish_reason == "stop"
+                yield event({}, "tool_calls" if called else _finish(chunk))
                 if include_usage:
                     yield event({}, usage={"prompt_tokens": chunk.prompt_tokens,
                                            "completion_tokens": chunk.completion_tokens,
@@ -274,7 +293,26 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
         yield b"data: [DONE]\n\n"
 
 
-async def _collect(request, source: ChunkSource, first, completion_id, created, model_id):
+def _tool_deltas(splitter: ToolCallStream, chunk) -> list[dict]:
+    """The deltas of one chunk of a reply that may call tools: content, and each complete call as OpenAI
+    streams one (its id and name, then its arguments)."""
+    events = splitter.feed(chunk.text)
+    if chunk.finish_reason is not None:
+        events += splitter.finish()
+    deltas, index = [], splitter.calls - sum(kind == "call" for kind, _ in events)
+    for kind, value in events:
+        if kind == "content":
+            deltas.append({"content": value})
+            continue
+        function = value["function"]
+        deltas.append({"tool_calls": [{"index": index, "id": value["id"], "type": "function",
+                                       "function": {"name": function["name"], "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]})
+        index += 1
+    return deltas
+
+
+async def _collect(request, source: ChunkSource, first, completion_id, created, model_id, tools=None):
     text, chunk, last = "", first, first
     try:
         while chunk is not None:
@@ -291,10 +329,15 @@ async def _collect(request, source: ChunkSource, first, completion_id, created, 
         source.close_soon()
     prompt_tokens = getattr(last, "prompt_tokens", 0) if last else 0
     completion_tokens = getattr(last, "completion_tokens", 0) if last else 0
+    message, finish = {"role": "assistant", "content": text}, _finish(last) if last else "stop"
+    if tools is not None:
+        content, calls = parse_tool_calls(text, tools)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            finish = "tool_calls" if finish == "stop" else finish
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": _finish(last) if last else "stop"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
