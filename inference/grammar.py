@@ -127,13 +127,15 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
-def request_grammar(params) -> str | None:
-    """The grammar a request's reply must follow: forced tool calls (inference/tools.py), else its
-    response_format; None for free text."""
+def request_grammar(params, lm) -> str | None:
+    """The grammar a request's reply must follow with the loaded model `lm`: forced tool calls
+    (inference/tools.py), else its response_format; None for free text."""
     import llguidance
 
     if params.tools is not None and params.tools.forced:
-        return llguidance.LLMatcher.grammar_from_lark(params.tools.grammar())
+        from .tools import forced_grammar
+
+        return llguidance.LLMatcher.grammar_from_lark(forced_grammar(params.tools, lm))
     if params.response_format:
         return grammar_source(params.response_format)
     return None

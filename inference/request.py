@@ -54,7 +54,7 @@ class Request:
         if not params.greedy:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
-        source = request_grammar(params)
+        source = request_grammar(params, lm)
         grammar = constraint_for(lm, source) if source else None
         return cls(list(prompt_ids), params, cancel, session_key,
                    budget=min(params.max_tokens, lm.context_length - len(prompt_ids)),

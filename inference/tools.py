@@ -62,18 +62,48 @@ class ToolSet:
         """The tools in OpenAI's shape, as chat templates take them."""
         return [{"type": "function", "function": dict(function)} for function in self.functions]
 
-    def grammar(self) -> str:
+    def grammar(self, style: str = "hermes", tag_ids: dict[str, int] | None = None) -> str:
         """An llguidance (Lark) grammar for a reply of tool calls only, each to an allowed function with
-        arguments that follow its schema."""
+        arguments that follow its schema: `<tool_call>` blocks ("hermes"), or one bare `{"name": ...,
+        "parameters": ...}` object ("json", Llama 3.1's form). `tag_ids`: the tokenizer's own tokens for the
+        tags, which the model may write instead of spelling the tags out."""
+        key = "parameters" if style == "json" else "arguments"
         allowed = [f for f in self.functions if self.choice in ("required", f["name"])]
-        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                  "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}}}
+        calls = [{"type": "object", "additionalProperties": False, "required": ["name", key],
+                  "properties": {"name": {"const": f["name"]}, key: f.get("parameters") or {"type": "object"}}}
                  for f in allowed]
         schema = {"anyOf": calls, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+        body = f"body: %json {json.dumps(schema)}\n"
+        if style == "json":
+            return "start: body\n" + body
         repeat = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if self.parallel else ""
         return (f"start: call {repeat}\n"
-                f'call: "{OPEN}\\n" body "\\n{CLOSE}"\n'
-                f"body: %json {json.dumps(schema)}\n")
+                f'call: {_tag(OPEN, tag_ids)} "\\n" body "\\n" {_tag(CLOSE, tag_ids)}\n' + body)
+
+
+def _tag(text: str, tag_ids: dict[str, int] | None) -> str:
+    token = (tag_ids or {}).get(text)
+    return f'("{text}" | <[{token}]>)' if token is not None else f'"{text}"'
+
+
+def forced_grammar(toolset: ToolSet, lm) -> str:
+    """The forced-call grammar in the form `lm`'s chat template asks for (Hermes tags unless the template
+    renders tools without them, as Llama 3.1's does), with the tokenizer's tag tokens where it has them."""
+    template = lm.chat_format.template
+    style = "json" if _native(template) and OPEN not in template else "hermes"
+    return toolset.grammar(style, tag_tokens(lm.tokenizer))
+
+
+def tag_tokens(hf_tokenizer) -> dict[str, int]:
+    """The tokenizer's own `<tool_call>` / `</tool_call>` tokens (Qwen2.5 has them), where they decode to
+    their text (not special: the detokenizer drops special tokens' text, and the parser needs it)."""
+    return {token.content: token_id for token_id, token in hf_tokenizer.added_tokens_decoder.items()
+            if token.content in (OPEN, CLOSE) and not token.special}
+
+
+def _native(template: str) -> bool:
+    """Whether a chat template renders tools itself."""
+    return "tools" in template and "tool_calls" in template
 
 
 def parse_tool_request(body: dict) -> ToolSet | None:
@@ -188,7 +218,7 @@ def render_prompt(lm, messages: list[dict], toolset: ToolSet | None) -> str:
 
     Conversations with tool calls or results but no tools offered now still need them as text."""
     template = lm.chat_format.template
-    native = "tools" in template and "tool_calls" in template
+    native = _native(template)
     if toolset is not None and native:
         return lm.tokenizer.apply_chat_template(messages, tools=toolset.openai_tools(), chat_template=template,
                                                 add_generation_prompt=True, tokenize=False)

@@ -10,12 +10,17 @@ import json
 
 import httpx
 import jsonschema
+import llguidance
 import pytest
 from openai import BadRequestError, OpenAI
 
 from app_harness import app_config, running_app
 from gguf_factory import write_tiny_gguf
-from inference.tools import ToolCallStream, ToolSet, parse_tool_calls, parse_tool_request, render_prompt
+from inference.generate import stream_generate
+from inference.grammar import _lltokenizer
+from inference.params import GenerationParams
+from inference.tools import (ToolCallStream, ToolSet, forced_grammar, parse_tool_calls, parse_tool_request,
+                             render_prompt, tag_tokens)
 from models.loader import LoadOptions, load_model
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city now",
@@ -198,3 +203,43 @@ def test_without_parallel_calls_only_the_first_is_kept():
             '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')
     _, calls = parse_tool_calls(text, ToolSet((ADD,), parallel=False))
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"a": 1, "b": 2}]
+
+
+LLAMA_STYLE_TEMPLATE = (  # renders tools itself and asks for Llama 3.1's bare {"name", "parameters"} JSON
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nCall one as {\"name\": ..., \"parameters\": ...}: "
+    "{{ tools | tojson }}<|eot_id|>{% endif %}{% for m in messages %}<|start_header_id|>{{ m.role }}"
+    "<|end_header_id|>\n\n{% if m.tool_calls %}{{ m.tool_calls[0].function | tojson }}{% else %}{{ m.content }}"
+    "{% endif %}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
+    "\n\n{% endif %}")
+
+
+def test_a_forced_call_takes_the_form_the_template_asks_for(tmp_path, model_cache):
+    """A Llama 3.1-style template: the forced reply is one bare JSON call, parsed like Llama's own."""
+    path = write_tiny_gguf(tmp_path / "llama-tools.gguf", "llama", context_length=2048,
+                           chat_template=LLAMA_STYLE_TEMPLATE)
+    lm = load_model(path, model_cache, LoadOptions(dtype="float32", kernels="torch"))
+    toolset = parse_tool_request({"tools": TOOLS, "tool_choice": "required"})
+    assert forced_grammar(toolset, lm).startswith("start: body")
+    prompt_ids = lm.encode(render_prompt(lm, ASK, toolset))
+    for seed in range(2):
+        params = GenerationParams(max_tokens=150, temperature=1.0, top_k=0, top_p=1.0, seed=seed, tools=toolset)
+        chunks = list(stream_generate(lm, prompt_ids, params))
+        text = "".join(chunk.text for chunk in chunks)
+        assert chunks[-1].finish_reason == "stop" and text.lstrip().startswith("{"), text
+        content, calls = parse_tool_calls(text, toolset)
+        assert content is None and len(calls) == 1
+        call = calls[0]["function"]
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+def test_hermes_tags_may_be_the_tokenizers_own_tokens(tiny_models, model_cache):
+    """Qwen2.5 has `<tool_call>` tokens: the grammar lets the model write them rather than spell the tag."""
+    lm = load_model(tiny_models["qwen2"], model_cache, LoadOptions(dtype="float32", kernels="torch"))
+    toolset = parse_tool_request({"tools": TOOLS, "tool_choice": "required"})
+    assert tag_tokens(lm.tokenizer) == {}  # the tiny vocabulary has none
+    tokens = {"<tool_call>": 5, "</tool_call>": 6}
+    grammar = toolset.grammar("hermes", tokens)
+    assert '("<tool_call>" | <[5]>)' in grammar and '("</tool_call>" | <[6]>)' in grammar
+    tokenizer, _ = _lltokenizer(lm)
+    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
+    assert not matcher.is_error() and matcher.consume_token(5), matcher.get_error()
