@@ -324,7 +324,7 @@ class ToolCallStream:
         return events
 
     def _content(self, text: str, events: list) -> None:
-        if text:
+        if text.strip() or (text and self.started):  # blank lines before a first call are not content
             self.started = True
             events.append(("content", text))
 

@@ -173,6 +173,17 @@ def test_gradio_chat_settings_take_a_response_format(app):
         assert status == "error" and "response_format.json_schema.schema" in str(message), message
 
 
+def test_a_session_bound_request_keeps_its_response_format(app):
+    with httpx.Client(base_url=app.url, timeout=120) as http:
+        status, session = gradio_call(http, "new_session", "bound")
+        assert status == "complete", session
+        response = http.post("/v1/chat/completions", headers={"X-Session-Id": session["id"]},
+                             json={"model": "tiny-llama", "messages": ASK, "seed": 1, "max_tokens": 200,
+                                   "response_format": SCHEMA_FORMAT})
+    assert response.status_code == 200, response.text
+    jsonschema.validate(json.loads(response.json()["choices"][0]["message"]["content"]), PERSON)
+
+
 def test_response_format_reaches_a_remote_engine():
     from inference.remote import _request_body
     from models.catalog import RemoteEngine

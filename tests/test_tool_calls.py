@@ -180,6 +180,7 @@ TOOLSET = ToolSet((WEATHER, ADD))
      '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>', "Let me look.",
      [("get_weather", {"city": "Oslo", "unit": "c"}), ("add", {"a": 3, "b": 4})]),
     ('{"name": "add", "parameters": {"a": 5, "b": 6}}', None, [("add", {"a": 5, "b": 6})]),  # Llama 3.1
+    ('\n\n<tool_call>{"name": "add", "arguments": {"a": 0, "b": 0}}</tool_call>\n', None, [("add", {"a": 0, "b": 0})]),
     ('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', '<tool_call>{"name": "unknown", "arguments": {}}'
      '</tool_call>', []),
     ('<tool_call>not json</tool_call> and text', "<tool_call>not json</tool_call> and text", []),
