@@ -22,10 +22,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Whitespace the grammar lets the model put between JSON tokens: one space, or a line break and an
-# indent (pretty-printed JSON). Bounded on purpose: with JSON's usual "any whitespace", a model can fill
-# its whole budget with blank lines and never close the object.
-JSON_WHITESPACE = r"[ ]|\n[ ]{0,24}"
+# Whitespace the grammar lets the model put between JSON tokens: one space at most. With JSON's usual
+# "any whitespace" (or even a line break and an indent), the bundled base model fills its whole budget
+# with runs of spaces and never closes the object.
+JSON_WHITESPACE = r"[ ]"
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FIELD = "response_format"
 

@@ -89,7 +89,7 @@ def test_json_object_replies_are_json_objects(client, model):
     """Any JSON object: a random model may write one string until its budget runs out (finish "length",
     as OpenAI's JSON mode does); every reply that ends by itself is an object."""
     finished = 0
-    for seed in range(4):
+    for seed in range(8):
         text, finish = schema_reply(client, model, seed, response_format={"type": "json_object"},
                                     max_tokens=200)
         assert text.startswith("{") and finish in ("stop", "length"), (seed, text)
