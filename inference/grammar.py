@@ -12,7 +12,6 @@ every route gets the same 400s); `constraint_for` builds a request's matcher for
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading

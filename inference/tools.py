@@ -194,7 +194,7 @@ def chat_message(message: dict, index: int) -> dict:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ToolError(f"{field}.function.arguments", "must be a JSON object (as a string)") from None
         if not isinstance(arguments, dict):
             raise ToolError(f"{field}.function.arguments", "must be a JSON object (as a string)")
@@ -206,7 +206,10 @@ def chat_message(message: dict, index: int) -> dict:
 
 def _text(content, index: int) -> str:
     if isinstance(content, list):  # content parts: the text ones
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            raise ToolError(f"messages[{index}].content", "each text part needs a string 'text'")
+        content = "".join(texts)
     if not isinstance(content, str):
         raise ToolError(f"messages[{index}].content", "must be a string")
     return content
@@ -344,7 +347,7 @@ class ToolCallStream:
 def _parse_call(body: str, names: set[str]) -> dict | None:
     try:
         value = json.loads(body.strip())
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
@@ -352,7 +355,7 @@ def _parse_call(body: str, names: set[str]) -> dict | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(arguments, dict):
         return None

@@ -122,6 +122,8 @@ bodies = st.fixed_dictionaries(
 @FAST
 @given(bodies)
 @example({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]})
+@example({"model": "m", "messages": [{"role": "tool", "content": [{"type": "text", "text": 5}]}]})
+@example({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 1}}]}]})
 def test_v1_request_parsing_returns_or_answers_400(body):
     try:
         model_id, clean, params, stream = _parse_request(body, LIMIT)
