@@ -22,6 +22,8 @@ from .grammar import JSON_WHITESPACE
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# The start of a forced call's JSON, as its grammar writes it: the name first, then the arguments
+CALL_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_.-]{1,64})"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 MAX_PARALLEL_CALLS = 4  # calls one forced reply may make (a bound keeps a small model from calling forever)
 
 
@@ -268,7 +270,7 @@ def parse_tool_calls(text: str, toolset: ToolSet) -> tuple[str | None, list[dict
     stream = ToolCallStream(toolset)
     events = [*stream.feed(text), *stream.finish()]
     content = "".join(value for kind, value in events if kind == "content")
-    calls = [value for kind, value in events if kind == "call"]
+    calls = [value for kind, value in events if kind in ("call", "call_start")]  # a started call is whole by now
     return (content.strip() or None) if calls else content, calls
 
 
@@ -277,7 +279,11 @@ class ToolCallStream:
 
     `feed(text)` and, at the end, `finish()` return events: ("content", text) or ("call", {"id", "type",
     "function": {"name", "arguments"}}). Text that may begin a `<tool_call>` is held back until it is
-    known; a reply that starts with "{" (Llama 3.1's bare JSON call) is held back whole."""
+    known; a reply that starts with "{" (Llama 3.1's bare JSON call) is held back whole.
+
+    A forced reply (whose grammar guarantees the calls' shape) streams each call as it is written
+    instead: ("call_start", call) once its name is known, ("arguments", text) deltas, then ("call_end",
+    call) with `call`'s arguments complete (the same dict as call_start's)."""
 
     def __init__(self, toolset: ToolSet):
         self.toolset = toolset
@@ -285,20 +291,26 @@ class ToolCallStream:
         self.in_call = False
         self.started = False  # some content has been let through
         self.calls = 0
+        self.live: dict | None = None  # a forced call being streamed: the call, and where its arguments are
 
     def feed(self, text: str) -> list[tuple[str, object]]:
         self.pending += text
         events: list[tuple[str, object]] = []
         while True:
             if self.in_call:
+                self._stream_arguments(events)
                 end = self.pending.find(CLOSE)
                 if end < 0:
                     return events
-                self._call(self.pending[:end], events)
+                if self.live is not None:
+                    self._end_live(self.pending[:end], events)
+                else:
+                    self._call(self.pending[:end], events)
                 self.pending, self.in_call = self.pending[end + len(CLOSE):].lstrip("\n"), False
                 continue
             stripped = self.pending.lstrip()
             if not self.started and stripped.startswith("{"):
+                self._stream_arguments(events)
                 return events  # perhaps a bare JSON call: decided at the end
             if not self.started and not stripped:
                 return events
@@ -316,7 +328,9 @@ class ToolCallStream:
     def finish(self) -> list[tuple[str, object]]:
         events: list[tuple[str, object]] = []
         rest, self.pending = self.pending, ""
-        if self.in_call:  # cut short: a call only if what came is whole; a forced reply has no content
+        if self.live is not None:
+            self._end_live(rest, events)
+        elif self.in_call:  # cut short: a call only if what came is whole; a forced reply has no content
             if not self._call(rest, events, quiet=True) and not self.toolset.forced:
                 self._content(OPEN + rest, events)
         elif not self.started and rest.strip().startswith("{"):
@@ -325,6 +339,38 @@ class ToolCallStream:
         else:
             self._content(rest, events)
         return events
+
+    def _stream_arguments(self, events: list) -> None:
+        """In a forced call: start it once its name is in, then pass its arguments on as they come, all but
+        from the last "}" on (which may close the call's object)."""
+        if not self.toolset.forced:
+            return
+        if self.live is None:
+            header = CALL_HEADER.match(self.pending)
+            if header is None or header.group(1) not in self.toolset.names:
+                return
+            call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    "function": {"name": header.group(1), "arguments": ""}}
+            self.live, self.calls = {"call": call, "start": header.end(), "sent": header.end()}, self.calls + 1
+            events.append(("call_start", call))
+        close = self.pending.find(CLOSE)
+        held = self.pending.rfind("}", 0, close if close >= 0 else len(self.pending))
+        if held > self.live["sent"]:
+            events.append(("arguments", self.pending[self.live["sent"]:held]))
+            self.live["sent"] = held
+
+    def _end_live(self, body: str, events: list) -> None:
+        """The streamed call is complete: the rest of its arguments, then its end."""
+        live, self.live = self.live, None
+        parsed = _parse_call(body, self.toolset.names)
+        arguments = body.rstrip()
+        if parsed is not None:  # whole: without the "}" that closes the call's object (cut short: all of it)
+            arguments = arguments[:-1]
+        if len(arguments) > live["sent"]:
+            events.append(("arguments", arguments[live["sent"]:]))
+        call = live["call"]
+        call["function"]["arguments"] = parsed["function"]["arguments"] if parsed else arguments[live["start"]:]
+        events.append(("call_end", call))
 
     def _content(self, text: str, events: list) -> None:
         if text.strip() or (text and self.started):  # blank lines before a first call are not content

@@ -244,3 +244,34 @@ def test_hermes_tags_may_be_the_tokenizers_own_tokens(tiny_models, model_cache):
     tokenizer, _ = _lltokenizer(lm)
     matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
     assert not matcher.is_error() and matcher.consume_token(5), matcher.get_error()
+
+
+FORCED = ToolSet((WEATHER, ADD), choice="required")
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": -2}}\n</tool_call>',
+    '<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome } {","unit":"c"} }\n</tool_call>\n'
+    '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>',
+    '{"name": "add", "parameters": {"a": 5, "b": 6}}',
+])
+def test_a_forced_call_streams_its_arguments_as_they_come(text):
+    _, whole = parse_tool_calls(text, FORCED)
+    expected = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole]
+    assert expected
+
+    def streamed(pieces):
+        stream, calls = ToolCallStream(FORCED), []
+        events = [event for piece in pieces for event in stream.feed(piece)] + stream.finish()
+        for kind, value in events:
+            assert kind != "content"
+            if kind == "call_start":
+                calls.append([value["function"]["name"], ""])
+            elif kind == "arguments":
+                calls[-1][1] += value
+        return [(name, json.loads(arguments)) for name, arguments in calls], events
+
+    for cut in range(1, len(text)):
+        assert streamed([text[:cut], text[cut:]])[0] == expected
+    calls, events = streamed(list(text))  # a character at a time: the arguments come in many pieces
+    assert calls == expected and sum(kind == "arguments" for kind, _ in events) > len(expected)

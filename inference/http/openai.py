@@ -294,21 +294,25 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
 
 
 def _tool_deltas(splitter: ToolCallStream, chunk) -> list[dict]:
-    """The deltas of one chunk of a reply that may call tools: content, and each complete call as OpenAI
-    streams one (its id and name, then its arguments)."""
+    """The deltas of one chunk of a reply that may call tools, as OpenAI streams them: content, and each
+    call's id and name, then its arguments (in pieces as they are written, for a forced call)."""
     events = splitter.feed(chunk.text)
     if chunk.finish_reason is not None:
         events += splitter.finish()
-    deltas, index = [], splitter.calls - sum(kind == "call" for kind, _ in events)
+    index = splitter.calls - sum(kind in ("call", "call_start") for kind, _ in events)  # the first new call's
+    deltas, current = [], index - 1  # current: the call whose arguments are streaming
     for kind, value in events:
         if kind == "content":
             deltas.append({"content": value})
-            continue
-        function = value["function"]
-        deltas.append({"tool_calls": [{"index": index, "id": value["id"], "type": "function",
-                                       "function": {"name": function["name"], "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]})
-        index += 1
+        elif kind in ("call", "call_start"):
+            deltas.append({"tool_calls": [{"index": index, "id": value["id"], "type": "function",
+                                           "function": {"name": value["function"]["name"], "arguments": ""}}]})
+            if kind == "call":
+                deltas.append({"tool_calls": [{"index": index,
+                                               "function": {"arguments": value["function"]["arguments"]}}]})
+            current, index = index, index + 1
+        elif kind == "arguments":
+            deltas.append({"tool_calls": [{"index": current, "function": {"arguments": value}}]})
     return deltas
 
 
