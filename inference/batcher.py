@@ -288,7 +288,8 @@ class BatchScheduler:
             request.finish("cancelled")
             return True
         if token is None:
-            token = sample_next(logits.to("cpu"), request.params, request.generator, request.history)
+            token = sample_next(logits.to("cpu"), request.params, request.generator, request.history,
+                                request.allowed(logits.shape[-1]))
         return request.accept(token, logits)
 
     def _remember(self, request: Request, batch: kv.Batch, row: int) -> None:
@@ -297,5 +298,5 @@ class BatchScheduler:
 
 
 def _plain_greedy(request: Request) -> bool:
-    """Greedy with nothing to adjust first: the batch's argmax is the row's token."""
-    return request.params.greedy and not request.params.penalised
+    """Greedy with nothing to adjust or mask first: the batch's argmax is the row's token."""
+    return request.params.greedy and not request.params.penalised and request.grammar is None

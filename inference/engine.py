@@ -199,7 +199,7 @@ class Engine:
         """
         try:
             peer = self.peer(model)
-            prepared = peer.prepare(messages)
+            prepared = peer.prepare(messages, params.tools)
             if admission is None:
                 try:
                     admission = self.gate.admit(cancel)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 200
@@ -28,6 +28,13 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none reported; n: each produced token's logprob and the n most likely
+    # Structured output, in OpenAI's shape: None (free text), {"type": "json_object"}, or {"type": "json_schema",
+    # "json_schema": {"name", "schema", "strict"}}; normalised and checked here (inference/grammar.py), enforced
+    # by constrained decoding. The Ollama routes map their `format` onto it.
+    response_format: dict | None = field(default=None, hash=False)
+    # Tool calling (inference/tools.py `ToolSet`: the functions offered, tool_choice, parallel_tool_calls):
+    # rendered into the prompt, and with tool_choice "required" or a named function, enforced like a schema.
+    tools: object | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         _check_number("max_tokens", self.max_tokens, 1, 1_000_000, integer=True)
@@ -46,6 +53,23 @@ class GenerationParams:
         for item in self.stop:
             if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
                 raise InvalidParams(f"stop: each stop string must be 1 to {MAX_STOP_LENGTH} characters")
+        if self.response_format is not None:
+            from .grammar import GrammarError, check_response_format
+
+            try:
+                object.__setattr__(self, "response_format", check_response_format(self.response_format))
+            except GrammarError as error:
+                raise InvalidParams(str(error)) from None
+        if self.tools is not None:
+            from .tools import ToolSet
+
+            if isinstance(self.tools, dict):  # from to_dict()
+                try:
+                    object.__setattr__(self, "tools", ToolSet.from_dict(self.tools))
+                except (KeyError, TypeError):
+                    raise InvalidParams("tools: not a ToolSet's fields") from None
+            if not isinstance(self.tools, ToolSet):
+                raise InvalidParams("tools: must be a ToolSet (inference/tools.py parse_tool_request)")
         for name in ("max_tokens", "top_k", "seed", "logprobs"):  # JSON's 64.0 passes as whole; the decode loop needs an int
             value = getattr(self, name)
             if isinstance(value, float):
@@ -97,7 +121,7 @@ def _check_number(name, value, low, high, *, integer=False, low_open=False) -> N
 
 
 SETTINGS_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "system_prompt", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty")
+                 "presence_penalty", "frequency_penalty", "response_format")
 
 
 def parse_settings(raw: str | dict | None) -> dict:

@@ -25,9 +25,10 @@ class Peer(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def prepare(self, messages: list[dict] | str) -> object:
-        """Check and render `messages` before a generation slot is taken (raises `PromptTooLong`); a
-        string is a raw prompt, given to the model as it is, without the chat template."""
+    def prepare(self, messages: list[dict] | str, tools=None) -> object:
+        """Check and render `messages` (and the `ToolSet` offered, if any) before a generation slot is taken
+        (raises `PromptTooLong`); a string is a raw prompt, given to the model as it is, without the chat
+        template."""
 
     def stream(self, prepared: object, params: GenerationParams, cancel: threading.Event,
                session_id: str | None = None, on_done: Callable[[], None] | None = None) -> Iterator[Chunk]:
@@ -46,9 +47,15 @@ class LocalPeer:
     def count_tokens(self, text: str) -> int:
         return self.model.count_tokens(text)
 
-    def prepare(self, messages: list[dict] | str) -> list[int]:
+    def prepare(self, messages: list[dict] | str, tools=None) -> list[int]:
         if isinstance(messages, str):  # a raw prompt: the tokenizer's own special tokens (BOS) and the text
+            if tools is not None:
+                raise ValueError("tools: a raw prompt takes no tools")
             prompt_ids = self.model.tokenizer(messages, add_special_tokens=True)["input_ids"]
+        elif tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            from .tools import render_prompt
+
+            prompt_ids = self.model.encode(render_prompt(self.model, messages, tools))
         else:
             prompt_ids = self.model.render_chat(messages)
         check_prompt(len(prompt_ids), self.context_length)
@@ -73,10 +80,12 @@ class RemotePeer:
     def count_tokens(text: str) -> int:
         return approx_tokens(text)
 
-    def prepare(self, messages: list[dict] | str) -> list[dict]:
+    def prepare(self, messages: list[dict] | str, tools=None) -> list[dict]:
         if isinstance(messages, str):
             raise ValueError(f"{self.spec.id} is a remote engine, which takes chat messages: a raw prompt "
                              "needs a local model")
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise ValueError("tools: tool calling is not passed on to remote engines yet")
         return messages
 
     def stream(self, messages: list[dict], params: GenerationParams, cancel: threading.Event,

@@ -42,6 +42,8 @@ def _request_body(engine: RemoteEngine, messages: list[dict], params: Generation
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    if params.response_format:  # OpenAI's field, as vLLM, llama.cpp's server and Ollama take it
+        body["response_format"] = params.response_format
     for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's own fields: every such server knows them
         if getattr(params, name):
             body[name] = getattr(params, name)

@@ -19,6 +19,7 @@ import torch
 
 from .detok import IncrementalDetokenizer
 from .generate import Chunk, StopMatcher, check_prompt
+from .grammar import Constraint, GrammarError, constraint_for, request_grammar
 from .logprobs import TokenLogprob, TokenTexts
 from .params import GenerationParams
 from .sampling import token_logprobs
@@ -46,6 +47,7 @@ class Request:
     on_done: Callable[[], None] | None = None  # called once, on the decode loop, when the request ends
     token_texts: TokenTexts | None = None  # set when the request asks for logprobs
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a chunk
+    grammar: Constraint | None = None  # constrained decoding (response_format, forced tool calls)
 
     @classmethod
     def create(cls, lm, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event,
@@ -59,16 +61,22 @@ class Request:
         token_texts = None
         if params.logprobs is not None:  # one table per model, filled as tokens come up
             token_texts = lm.runtime.setdefault("token_texts", TokenTexts(lm.tokenizer))
+        source = request_grammar(params, lm)
+        grammar = constraint_for(lm, source) if source else None
         return cls(list(prompt_ids), params, cancel, session_key,
                    budget=min(params.max_tokens, lm.context_length - len(prompt_ids)),
                    detok=IncrementalDetokenizer(lm.tokenizer), stops=StopMatcher(params.stop),
                    stop_token_ids=lm.stop_token_ids, generator=generator, on_done=on_done,
-                   token_texts=token_texts)
+                   token_texts=token_texts, grammar=grammar)
 
     @property
     def history(self) -> torch.Tensor | None:
         """The produced tokens, when a penalty needs them."""
         return torch.tensor(self.produced, dtype=torch.long) if self.params.penalised else None
+
+    def allowed(self, vocab_size: int) -> torch.Tensor | None:
+        """The tokens the grammar allows next (a boolean mask), or None when the reply is free text."""
+        return self.grammar.allowed(vocab_size) if self.grammar is not None else None
 
     def accept(self, token: int, logits: torch.Tensor | None = None) -> bool:
         """Take the next sampled token (drawn from `logits`, which a request asking for logprobs
@@ -88,10 +96,24 @@ class Request:
         if hit:
             self.finish("stop", stopped_by_string=True)
             return True
+        if self.grammar is not None and self._advance_grammar(token):
+            return True
         if len(self.produced) >= self.budget:
             self.finish("length")
             return True
         return False
+
+    def _advance_grammar(self, token: int) -> bool:
+        """Feed the token to the grammar; True once that ended the request: the grammar is complete (finish
+        reason "stop"), or the matcher failed (the request fails, the rest of the batch carries on)."""
+        try:
+            complete = self.grammar.advance(token)
+        except GrammarError as error:
+            self.fail(error)
+            return True
+        if complete:
+            self.finish("stop")
+        return complete
 
     def finish(self, reason: str, stopped_by_string: bool = False) -> None:
         """Stream the held-back text and the last chunk: finish reason, token counts and timings."""

@@ -18,12 +18,23 @@ FIRST_WINDOW = 256  # top-p without top-k looks at this many best tokens first, 
 
 
 def sample_next(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
-                history: torch.Tensor | None = None) -> int:
-    """Pick the next token from one row of logits (any float dtype, on the CPU)."""
+                history: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> int:
+    """Pick the next token from one row of logits (any float dtype, on the CPU).
+
+    `allowed`: a boolean mask over the vocabulary (constrained decoding): the token is drawn from those
+    alone, as if every other logit were minus infinity."""
     logits = logits.float()
     if params.penalised and history is not None and history.numel():
         # a copy: the model's logits are inference tensors (read-only out here) and stay untouched
         logits = penalise(logits.clone(), params, history)
+    if allowed is not None:
+        ids = torch.nonzero(allowed).flatten()
+        return int(ids[choose(logits[ids], params, generator)])
+    return choose(logits, params, generator)
+
+
+def choose(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
+    """The index of the token picked from float logits: greedy, or drawn after temperature, top-k, top-p."""
     if params.greedy:
         return int(torch.argmax(logits))
     probs, ids = candidates(logits, params)

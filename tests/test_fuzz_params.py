@@ -96,17 +96,34 @@ messages = st.lists(st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "", None])},
                           optional={"content": st.one_of(st.text(max_size=40), content_parts, json_values)}),
     json_values), max_size=4)
+schemas = st.recursive(
+    st.fixed_dictionaries({}, optional={"type": st.sampled_from(["object", "string", "integer", "array", "nope", 3]),
+                                        "maxLength": st.integers(-1, 5), "enum": st.lists(scalars, max_size=3),
+                                        "not": st.just({}), "$ref": st.text(max_size=8)}),
+    lambda inner: st.fixed_dictionaries({"type": st.just("object")},
+                                        optional={"properties": st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                                                  "required": st.lists(st.text(max_size=4), max_size=2),
+                                                  "items": inner, "additionalProperties": st.one_of(st.booleans(), inner)}),
+    max_leaves=6)
+response_formats = st.one_of(json_values, st.fixed_dictionaries(
+    {"type": st.sampled_from(["json_schema", "json_object", "text", "xml", None])},
+    optional={"json_schema": st.one_of(json_values, st.fixed_dictionaries(
+        {}, optional={"name": st.one_of(st.just("answer"), st.text(max_size=70), json_values),
+                      "schema": st.one_of(schemas, json_values), "strict": st.one_of(st.booleans(), json_values)}))}))
 bodies = st.fixed_dictionaries(
     {}, optional={"model": st.one_of(st.text(max_size=20), json_values), "messages": st.one_of(messages, json_values),
                   "max_tokens": values, "max_completion_tokens": values, "temperature": values, "top_p": values,
                   "top_k": values, "stop": values, "seed": values, "stream": st.one_of(st.booleans(), json_values),
                   "n": st.one_of(st.integers(-2, 3), json_values), "stream_options": json_values,
-                  "logit_bias": json_values, "unknown_field": json_values})
+                  "logit_bias": json_values, "response_format": response_formats,
+                  "unknown_field": json_values})
 
 
 @FAST
 @given(bodies)
 @example({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]})
+@example({"model": "m", "messages": [{"role": "tool", "content": [{"type": "text", "text": 5}]}]})
+@example({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 1}}]}]})
 def test_v1_request_parsing_returns_or_answers_400(body):
     try:
         model_id, clean, params, stream = _parse_request(body, LIMIT)
@@ -116,7 +133,8 @@ def test_v1_request_parsing_returns_or_answers_400(body):
         assert_clear(error)
         return
     assert isinstance(model_id, str) and model_id
-    assert clean and all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
+    assert clean and all(m["role"] in ("system", "user", "assistant", "tool") and isinstance(m["content"], str)
                          for m in clean)
     assert isinstance(stream, bool)
     assert_valid(params, LIMIT)
+    assert params.response_format is None or params.response_format["type"] in ("json_object", "json_schema")

@@ -24,9 +24,7 @@ def post(app, **fields):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"),
-    ("response_format", {"type": "json_object"}),
     ("logit_bias", {"42": 10}),
 ])
 def test_what_is_not_carried_out_is_refused_by_name(app, field, value):

@@ -24,6 +24,7 @@ from sessions import LOCAL_USER, SessionNotFound
 from ..engine import Busy
 from ..generate import PromptTooLong
 from ..params import GenerationParams, InvalidParams
+from ..tools import ToolCallStream, ToolError, chat_message, parse_tool_calls, parse_tool_request
 from .choices import merge_events, merge_replies, start_together
 from .streams import ChunkSource, Disconnected, EventStream, bearer_ok, next_or_disconnect, start_generation, worker_pool
 
@@ -34,7 +35,7 @@ MAX_ERROR_CHARS = 500
 _SAMPLING_FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                     "top_p": "top_p", "top_k": "top_k", "stop": "stop", "seed": "seed",
                     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-                    "frequency_penalty": "frequency_penalty"}
+                    "frequency_penalty": "frequency_penalty", "response_format": "response_format"}
 _IGNORED_FIELDS = {"n", "user", "stream_options", "logit_bias", "model",
                    "messages", "stream", "response_format", "tools", "tool_choice", "logprobs", "top_logprobs",
                    "parallel_tool_calls", "metadata", "store", "service_tier"}
@@ -42,9 +43,6 @@ _IGNORED_FIELDS = {"n", "user", "stream_options", "logit_bias", "model",
 # neutral value, which clients such as LangChain send by default) is refused with a 400 naming it,
 # never answered as if it had been honoured.
 _UNSUPPORTED_FIELDS = {
-    "tools": lambda value: value not in (None, []),
-    "tool_choice": lambda value: value not in (None, "none", "auto"),
-    "response_format": lambda value: value is not None and value != {"type": "text"},
     "logit_bias": lambda value: value not in (None, {}),
 }
 
@@ -110,8 +108,14 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
                 if session_id:
                     raise APIError(400, "'n' above 1 is not available for a request bound to a session "
                                         "(X-Session-Id): a session stores one reply", param="n")
+                if params.tools is not None:
+                    raise APIError(400, "'n' above 1 is not available with tools", param="n")
                 return await _several_choices(request, service, model_id, messages, params, choices, workers,
                                               stream, include_usage)
+            if session_id and (params.tools is not None or any(m["role"] == "tool" or "tool_calls" in m
+                                                               for m in messages)):
+                raise APIError(400, "tools: a request bound to a session (X-Session-Id) cannot use tools",
+                               param="tools")
             # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
             owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             chunks, first = await start_generation(request, service, model_id, messages, params, session_id,
@@ -123,9 +127,10 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
-            events = _sse_events(request, chunks, first, completion_id, created, model_id, include_usage)
+            events = _sse_events(request, chunks, first, completion_id, created, model_id, include_usage,
+                                 params.tools)
             return EventStream(events, on_close=chunks.close_soon)
-        return await _collect(request, chunks, first, completion_id, created, model_id)
+        return await _collect(request, chunks, first, completion_id, created, model_id, params.tools)
 
     from .completions import add_completions_route  # it builds on this module's helpers
 
@@ -155,8 +160,15 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     clean = []
     for index, message in enumerate(messages):
+        if isinstance(message, dict) and (message.get("role") == "tool" or
+                                          (message.get("role") == "assistant" and message.get("tool_calls"))):
+            try:
+                clean.append(chat_message(message, index))
+            except ToolError as error:
+                raise APIError(400, str(error), param=error.param) from None
+            continue
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
-            raise APIError(400, f"messages[{index}] needs a role of system, user or assistant",
+            raise APIError(400, f"messages[{index}] needs a role of system, user, assistant or tool",
                            param=f"messages[{index}].role")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
@@ -181,6 +193,10 @@ def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], 
     sampling.setdefault("temperature", 1.0)
     sampling.setdefault("top_p", 1.0)
     sampling.setdefault("top_k", 0)
+    try:
+        sampling["tools"] = parse_tool_request(body)
+    except ToolError as error:
+        raise APIError(400, str(error), param=error.param) from None
     try:
         params = GenerationParams.from_dict(sampling, max_tokens_limit=max_tokens_limit)
     except (InvalidParams, TypeError) as error:
@@ -289,7 +305,7 @@ def _finish(chunk) -> str:
 
 
 async def _sse_events(request: Request, source: ChunkSource, first, completion_id, created, model_id,
-                      include_usage) -> AsyncIterator[bytes]:
+                      include_usage, tools=None) -> AsyncIterator[bytes]:
     """The reply as server-sent events; `EventStream` closes `source` however this ends."""
     def event(delta: dict, finish: str | None = None, usage: dict | None = None, logprobs: dict | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -300,14 +316,19 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
     chunk = first
+    splitter = ToolCallStream(tools) if tools is not None else None
     try:
         yield event({"role": "assistant", "content": ""})
         while chunk is not None:
             logprobs = _openai_logprobs(chunk)
-            if chunk.text or (logprobs and logprobs["content"]):
+            if splitter is not None:
+                for delta in _tool_deltas(splitter, chunk):
+                    yield event(delta)
+            elif chunk.text or (logprobs and logprobs["content"]):
                 yield event({"content": chunk.text}, logprobs=logprobs)
             if chunk.finish_reason is not None:
-                yield event({}, _finish(chunk))
+                called = splitter is not None and splitter.calls and chunk.finish_reason == "stop"
+                yield event({}, "tool_calls" if called else _finish(chunk))
                 if include_usage:
                     yield event({}, usage={"prompt_tokens": chunk.prompt_tokens,
                                            "completion_tokens": chunk.completion_tokens,
@@ -324,7 +345,30 @@ async def _sse_events(request: Request, source: ChunkSource, first, completion_i
         yield b"data: [DONE]\n\n"
 
 
-async def _collect(request, source: ChunkSource, first, completion_id, created, model_id):
+def _tool_deltas(splitter: ToolCallStream, chunk) -> list[dict]:
+    """The deltas of one chunk of a reply that may call tools, as OpenAI streams them: content, and each
+    call's id and name, then its arguments (in pieces as they are written, for a forced call)."""
+    events = splitter.feed(chunk.text)
+    if chunk.finish_reason is not None:
+        events += splitter.finish()
+    index = splitter.calls - sum(kind in ("call", "call_start") for kind, _ in events)  # the first new call's
+    deltas, current = [], index - 1  # current: the call whose arguments are streaming
+    for kind, value in events:
+        if kind == "content":
+            deltas.append({"content": value})
+        elif kind in ("call", "call_start"):
+            deltas.append({"tool_calls": [{"index": index, "id": value["id"], "type": "function",
+                                           "function": {"name": value["function"]["name"], "arguments": ""}}]})
+            if kind == "call":
+                deltas.append({"tool_calls": [{"index": index,
+                                               "function": {"arguments": value["function"]["arguments"]}}]})
+            current, index = index, index + 1
+        elif kind == "arguments":
+            deltas.append({"tool_calls": [{"index": current, "function": {"arguments": value}}]})
+    return deltas
+
+
+async def _collect(request, source: ChunkSource, first, completion_id, created, model_id, tools=None):
     text, chunk, last, logprobs = "", first, first, None
     try:
         while chunk is not None:
@@ -344,10 +388,15 @@ async def _collect(request, source: ChunkSource, first, completion_id, created, 
         source.close_soon()
     prompt_tokens = getattr(last, "prompt_tokens", 0) if last else 0
     completion_tokens = getattr(last, "completion_tokens", 0) if last else 0
+    message, finish = {"role": "assistant", "content": text}, _finish(last) if last else "stop"
+    if tools is not None:
+        content, calls = parse_tool_calls(text, tools)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            finish = "tool_calls" if finish == "stop" else finish
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                     "finish_reason": _finish(last) if last else "stop"}],
+        "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
