@@ -88,9 +88,6 @@ def flag(body: dict, name: str, default: bool) -> bool:
 
 def _refuse_unsupported(body: dict) -> None:
     """Fields this server does not carry out yet are refused, never answered as if honoured."""
-    if body.get("format") not in (None, ""):
-        raise OllamaError(400, "'format' (JSON output) is not supported by this server yet; send the request "
-                               "without it")
     if body.get("tools"):
         raise OllamaError(400, "'tools' are not supported by this server yet; send the request without them")
     if body.get("think"):
@@ -124,7 +121,8 @@ def parse_chat(body: dict, max_tokens_limit: int) -> Job:
         if not isinstance(content, str):
             raise OllamaError(400, f"messages[{index}].content must be a string")
         clean.append({"role": message["role"], "content": content})
-    return Job("chat", name, catalog_id(name), clean, _params(body.get("options"), max_tokens_limit),
+    return Job("chat", name, catalog_id(name), clean,
+               _params(body.get("options"), max_tokens_limit, _response_format(body.get("format"))),
                flag(body, "stream", True), _keep_alive(body.get("keep_alive")))
 
 
@@ -148,11 +146,24 @@ def parse_generate(body: dict, max_tokens_limit: int) -> Job:
         rendered: list[dict] | str = prompt
     else:
         rendered = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return Job("generate", name, catalog_id(name), rendered, _params(body.get("options"), max_tokens_limit),
+    return Job("generate", name, catalog_id(name), rendered,
+               _params(body.get("options"), max_tokens_limit, _response_format(body.get("format"))),
                flag(body, "stream", True), _keep_alive(body.get("keep_alive")))
 
 
-def _params(options, max_tokens_limit: int) -> GenerationParams:
+def _response_format(value) -> dict | None:
+    """Ollama's `format` as the engine's `response_format` (constrained decoding, inference/grammar.py):
+    "json" is any JSON object, an object is a JSON schema the reply must follow."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": value, "strict": True}}
+    raise OllamaError(400, "'format' must be \"json\" or a JSON schema (an object)")
+
+
+def _params(options, max_tokens_limit: int, response_format: dict | None = None) -> GenerationParams:
     """GenerationParams from Ollama's `options`: the honoured ones mapped, Ollama's defaults for the
     rest; `num_predict` -1 or -2 (no limit) or above the server's limit is capped at it."""
     if options is None:
@@ -169,9 +180,13 @@ def _params(options, max_tokens_limit: int) -> GenerationParams:
         values["max_tokens"] = max_tokens_limit
     if _is_number(values.get("seed")) and values["seed"] < 0:  # Ollama's "random seed"
         del values["seed"]
+    if response_format is not None:
+        values["response_format"] = response_format
     try:
         return GenerationParams.from_dict(values, max_tokens_limit=max_tokens_limit)
     except (InvalidParams, TypeError) as error:
+        if str(error).startswith("response_format"):
+            raise OllamaError(400, f"format: {str(error).partition(':')[2].strip() or error}") from None
         field, _, why = str(error).partition(":")
         option = PARAM_OPTIONS.get(field.strip())
         raise OllamaError(400, f"options.{option}:{why}" if option else str(error)) from None
