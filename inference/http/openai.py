@@ -18,15 +18,13 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from models.manager import ModelError, UnknownModel
 from sessions import LOCAL_USER, SessionNotFound
 
-from ..engine import Busy
-from ..generate import PromptTooLong
 from ..params import GenerationParams, InvalidParams
 from ..tools import ToolCallStream, ToolError, chat_message, parse_tool_calls, parse_tool_request
 from .choices import merge_events, merge_replies, start_together
-from .streams import ChunkSource, Disconnected, EventStream, bearer_ok, next_or_disconnect, start_generation, worker_pool
+from .streams import (ChunkSource, Disconnected, EventStream, bearer_ok, error_status, next_or_disconnect,
+                      session_binding, start_generation, worker_pool)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +97,7 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             model_id, messages, params, stream = _parse_request(body, config.max_tokens_limit)
             _check_length(messages, config.max_prompt_chars)
             include_usage = _include_usage(body)
-            session_id = request.headers.get("x-session-id")
+            session_id, owner = session_binding(request, service, api_key)
             if session_id and params.logprobs is not None:
                 raise APIError(400, "'logprobs' is not available for a request bound to a session "
                                     "(X-Session-Id)", param="logprobs")
@@ -116,8 +114,6 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
                                                                for m in messages)):
                 raise APIError(400, "tools: a request bound to a session (X-Session-Id) cannot use tools",
                                param="tools")
-            # /v1 acts for the local user; behind an API key, the key holder may bind any session by id.
-            owner = (service.session_owner(session_id) or LOCAL_USER) if session_id and api_key else LOCAL_USER
             chunks, first = await start_generation(request, service, model_id, messages, params, session_id,
                                                    owner, workers)
         except Disconnected:
@@ -283,21 +279,22 @@ def add_unknown_route_answers(router: APIRouter) -> None:
         return APIError(404, f"Unknown request URL: {request.method} {path}", code="unknown_url").response()
 
 
+# OpenAI's error type and code for each status `error_status` gives (the status and headers are shared
+# with the Ollama routes).
+_ERROR_KINDS = {404: "not_found_error", 429: "rate_limit_error", 503: "model_unavailable", 400: "invalid_request_error"}
+
+
 def _as_api_error(error: Exception) -> APIError:
     if isinstance(error, APIError):
         return error
-    if isinstance(error, (UnknownModel, SessionNotFound)):
-        return APIError(404, str(error), "not_found_error", code="model_not_found"
-                        if isinstance(error, UnknownModel) else "session_not_found")
-    if isinstance(error, Busy):
-        return APIError(429, str(error), "rate_limit_error", code="busy",
-                        headers={"Retry-After": str(error.retry_after_s)})
-    if isinstance(error, ModelError):
-        return APIError(503, str(error), "model_unavailable", code="model_unavailable", headers={"Retry-After": "5"})
-    if isinstance(error, (PromptTooLong, InvalidParams, ValueError)):
-        return APIError(400, str(error))
-    log.exception("chat completion failed")
-    return APIError(500, "internal error while generating; see the server log", "server_error")
+    known = error_status(error)
+    if known is None:
+        log.exception("chat completion failed")
+        return APIError(500, "internal error while generating; see the server log", "server_error")
+    status, headers = known
+    code = {404: "session_not_found" if isinstance(error, SessionNotFound) else "model_not_found", 429: "busy",
+            503: "model_unavailable"}.get(status)
+    return APIError(status, str(error), _ERROR_KINDS[status], code=code, headers=headers)
 
 
 def _finish(chunk) -> str:
