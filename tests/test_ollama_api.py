@@ -198,8 +198,12 @@ def test_unknown_model_is_404(client):
     ("generate", {"prompt": "What is this?", "images": ["aGVsbG8="]}, "images"),
     ("chat", {"messages": HELLO, "format": "yaml"}, "format"),
     ("generate", {"prompt": "Hi", "format": {"type": "object", "not": {}}}, "format"),
-    ("chat", {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("chat", {"messages": [{"role": "tool", "content": "42"}]}, "tool"),
+    ("chat", {"messages": HELLO, "tools": [{"type": "function", "function": {"name": 5}}]}, "tools"),
+    ("chat", {"messages": HELLO, "tools": {"name": "f"}}, "tools"),
+    ("chat", {"messages": HELLO, "format": "json", "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ("chat", {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 5}}]}]},
+     "arguments"),
     ("chat", {"messages": HELLO, "think": True}, "think"),
     ("generate", {"prompt": "Hi", "template": "{{ .Prompt }}"}, "template"),
     ("generate", {"prompt": "Hi", "suffix": "end"}, "suffix"),
@@ -446,3 +450,52 @@ def test_format_json_gives_an_object(client):
         assert isinstance(json.loads(reply.response), dict)
     else:
         assert reply.response.lstrip().startswith("{")
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Today's weather in a city",
+                                             "parameters": {"type": "object", "required": ["city"],
+                                                            "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tools_client(tmp_path_factory, model_cache):
+    """A tiny model with room for a prompt that lists tools (the test models' 256-token window has none)."""
+    from gguf_factory import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("ollama-tools") / "tiny-llama.gguf", "llama", context_length=2048)
+    config = app_config(tmp_path_factory.mktemp("ollama-tools-app"), {"llama": path}, model_cache, max_context=2048)
+    with running_app(config) as app:
+        yield ollama.Client(host=app.url, timeout=60)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_are_offered_and_results_taken_back(tools_client, stream):
+    """/api/chat with tools (the model decides, as Ollama's tools do), and a conversation that holds an
+    earlier call and its result: the random tiny model answers in text, streamed and not."""
+    history = [*HELLO, {"role": "assistant", "content": "",
+                        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+               {"role": "tool", "content": "Sunny, 21 C", "tool_name": "get_weather"}]
+    for messages in (HELLO, history):
+        reply = tools_client.chat(model=MODEL, messages=messages, tools=WEATHER, stream=stream,
+                                  options={"temperature": 0, "num_predict": 8})
+        parts = list(reply) if stream else [reply]
+        assert parts[-1].done and parts[-1].done_reason in ("stop", "length")
+        assert all(part.message.role == "assistant" for part in parts)
+
+
+def test_a_reply_that_calls_a_tool_is_given_as_ollama_tool_calls():
+    """The reply's `<tool_call>` text (the Hermes form the prompt asks for) becomes Ollama's `tool_calls`
+    (arguments as an object), whole and streamed."""
+    from inference.http.ollama import Answer, _tool_lines
+    from inference.http.ollama_requests import parse_chat
+    from inference.tools import ToolCallStream
+
+    job = parse_chat({"model": MODEL, "messages": HELLO, "tools": WEATHER}, 64)
+    answer = Answer(job, time.perf_counter())
+    text = 'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    splitter = ToolCallStream(job.params.tools)
+    events = [event for piece in (text[:20], text[20:50], text[50:]) for event in splitter.feed(piece)]
+    lines = [json.loads(line) for line in _tool_lines(answer, events + splitter.finish())]
+    calls = [line["message"]["tool_calls"] for line in lines if "tool_calls" in line["message"]]
+    assert calls == [[{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]]
+    assert "".join(line["message"]["content"] for line in lines).strip() == "Let me look."

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 
 from models.download import DownloadError
 
+from ..tools import ToolCallStream, parse_tool_calls
 from .ollama_requests import (LATEST, Job, OllamaError, catalog_id, check_context, check_length, flag, model_name,
                               parse_chat, parse_generate, read_json)
 from .streams import (ChunkSource, Disconnected, EventStream, bearer_ok, error_status, next_or_disconnect,
@@ -109,6 +110,10 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
             if not job.prompt:
                 return await load_or_unload(job)
             session_id, owner = session_binding(request, service, api_key)
+            if session_id and (job.params.tools is not None or
+                               any(m.get("role") == "tool" or m.get("tool_calls") for m in job.prompt
+                                   if isinstance(m, dict))):
+                raise OllamaError(400, "tools: a request bound to a session (X-Session-Id) cannot use tools")
             if session_id and isinstance(job.prompt, str):
                 raise OllamaError(400, "raw: true cannot be bound to a session (X-Session-Id): a session's "
                                        "turns go through the model's chat template")
@@ -203,22 +208,25 @@ class Answer:
     def base(self, done: bool) -> dict:
         return {"model": self.job.name, "created_at": _now(), "done": done}
 
-    def content(self, text: str) -> dict:
+    def content(self, text: str, calls: list[dict] | None = None) -> dict:
         if self.job.kind == "chat":
-            return {"message": {"role": "assistant", "content": text}}
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = ollama_tool_calls(calls)
+            return {"message": message}
         return {"response": text}
 
-    def line(self, text: str) -> dict:
-        return {**self.base(False), **self.content(text)}
+    def line(self, text: str, calls: list[dict] | None = None) -> dict:
+        return {**self.base(False), **self.content(text, calls)}
 
-    def final(self, last, text: str = "") -> dict:
+    def final(self, last, text: str = "", calls: list[dict] | None = None) -> dict:
         """The last object: done, why, token counts and durations (nanoseconds, as Ollama gives them)."""
         total = time.perf_counter() - self.started
         timings = getattr(last, "timings", None) or {}
         engine_total = timings.get("total_s", 0.0)
         first_token = timings.get("ttft_s", 0.0)
         reason = getattr(last, "finish_reason", None)
-        return {**self.base(True), **self.content(text),
+        return {**self.base(True), **self.content(text, calls),
                 "done_reason": {"length": "length"}.get(reason, "stop"),
                 "total_duration": _ns(total),
                 "load_duration": _ns(total - engine_total) if engine_total else 0,  # loading, queueing
@@ -232,13 +240,36 @@ def _line(payload: dict) -> bytes:
     return (json.dumps(payload, ensure_ascii=False) + "\n").encode()
 
 
+def ollama_tool_calls(calls: list[dict]) -> list[dict]:
+    """Tool calls in OpenAI's shape (inference/tools.py) as Ollama gives them: arguments as an object."""
+    return [{"function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}
+            for call in calls]
+
+
+def _tool_lines(answer: Answer, events: list) -> list[bytes]:
+    """A tools reply's stream events as lines: text as it comes, each call once it is complete."""
+    lines = []
+    for kind, value in events:
+        if kind == "content" and value:
+            lines.append(_line(answer.line(value)))
+        elif kind in ("call", "call_start"):  # "call_start" (a forced call) does not occur: Ollama has no tool_choice
+            lines.append(_line(answer.line("", [value])))
+    return lines
+
+
 async def _ndjson(request: Request, source: ChunkSource, first, answer: Answer) -> AsyncIterator[bytes]:
     """The reply as newline-delimited JSON; `EventStream` closes `source` however this ends."""
     chunk, last = first, first
+    tools = answer.job.params.tools
+    splitter = ToolCallStream(tools) if tools is not None else None
     try:
         while chunk is not None:
             last = chunk
-            if chunk.text:
+            if splitter is not None:
+                events = splitter.feed(chunk.text) + (splitter.finish() if chunk.finish_reason is not None else [])
+                for line in _tool_lines(answer, events):
+                    yield line
+            elif chunk.text:
                 yield _line(answer.line(chunk.text))
             if chunk.finish_reason is not None:
                 break
@@ -263,6 +294,10 @@ async def _collect(request: Request, source: ChunkSource, first, answer: Answer)
         return JSONResponse({"error": "client disconnected"}, status_code=499)
     except Exception as error:
         return _as_error(error).response()
+    tools = answer.job.params.tools
+    if tools is not None:
+        content, calls = parse_tool_calls(text, tools)
+        return answer.final(last, content or "", calls)
     return answer.final(last, text)
 
 

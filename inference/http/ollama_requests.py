@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..params import GenerationParams, InvalidParams
+from ..tools import ToolError, chat_message, parse_tool_request
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,6 @@ def flag(body: dict, name: str, default: bool) -> bool:
 
 def _refuse_unsupported(body: dict) -> None:
     """Fields this server does not carry out yet are refused, never answered as if honoured."""
-    if body.get("tools"):
-        raise OllamaError(400, "'tools' are not supported by this server yet; send the request without them")
     if body.get("think"):
         raise OllamaError(400, "'think' is not supported: this server's models have no thinking mode")
     if body.get("logprobs") or body.get("top_logprobs"):
@@ -104,26 +103,36 @@ def parse_chat(body: dict, max_tokens_limit: int) -> Job:
     messages = body.get("messages") or []
     if not isinstance(messages, list):
         raise OllamaError(400, "'messages' must be a list")
+    try:  # Ollama's tools are OpenAI's function tools; the model decides whether to call one ("auto")
+        tools = parse_tool_request({"tools": body.get("tools")})
+    except ToolError as error:
+        raise OllamaError(400, str(error)) from None
     clean = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise OllamaError(400, f"messages[{index}] needs a role of system, user or assistant"
-                                   + (" (tool messages need tools, which are not supported yet)"
-                                      if isinstance(message, dict) and message.get("role") == "tool" else ""))
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
+            raise OllamaError(400, f"messages[{index}] needs a role of system, user, assistant or tool")
         if message.get("images"):
             raise OllamaError(400, f"messages[{index}].images: images are not supported: this server's models "
                                    "read text only")
-        if message.get("tool_calls"):
-            raise OllamaError(400, f"messages[{index}].tool_calls: tools are not supported by this server yet")
+        if message["role"] == "tool" or message.get("tool_calls"):  # a call made earlier, and its result
+            try:
+                clean.append(chat_message(message, index))
+            except ToolError as error:
+                raise OllamaError(400, str(error)) from None
+            continue
         content = message.get("content")
         if content is None:
             content = ""
         if not isinstance(content, str):
             raise OllamaError(400, f"messages[{index}].content must be a string")
         clean.append({"role": message["role"], "content": content})
-    return Job("chat", name, catalog_id(name), clean,
-               _params(body.get("options"), max_tokens_limit, _response_format(body.get("format"))),
-               flag(body, "stream", True), _keep_alive(body.get("keep_alive")))
+    params = _params(body.get("options"), max_tokens_limit, _response_format(body.get("format")))
+    if tools is not None:
+        if params.response_format is not None:
+            raise OllamaError(400, "'format' and 'tools' cannot be combined: the reply is either JSON or calls")
+        params = replace(params, tools=tools)
+    return Job("chat", name, catalog_id(name), clean, params, flag(body, "stream", True),
+               _keep_alive(body.get("keep_alive")))
 
 
 def parse_generate(body: dict, max_tokens_limit: int) -> Job:
