@@ -106,6 +106,14 @@ def test_a_fim_model_stops_at_a_file_separator(app):
                                    stops=lm.fim.stops)
 
 
+def test_an_empty_prompt_is_a_hole_at_the_start(app, client):
+    with prefills(app, "tiny-fim") as seen:
+        reply = fill(client, prompt="")
+    names = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+    assert seen == [expected_layout(app, "tiny-fim", "", SUFFIX, names)]
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
 def test_several_prompts_share_the_suffix(app, client):
     prompts = [PREFIX, "x = "]
     with prefills(app, "tiny-fim") as seen:
@@ -121,6 +129,9 @@ def test_a_model_without_fim_tokens_refuses_suffix(client):
         fill(client, model="tiny-llama")
     assert caught.value.body["param"] == "suffix" and "fill-in-the-middle" in caught.value.message
     assert fill(client, model="tiny-llama", suffix="").choices[0].text is not None  # an empty suffix: no hole
+    with pytest.raises(openai.BadRequestError) as caught:  # nor an empty prompt
+        fill(client, model="tiny-llama", prompt="", suffix="")
+    assert caught.value.body["param"] == "prompt"
 
 
 @pytest.mark.parametrize("fields, param", [

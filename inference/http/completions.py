@@ -89,7 +89,10 @@ def parse_completion_request(body: dict, max_tokens_limit: int
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise APIError(400, "'model' is required and must be a string", param="model")
-    prompts = _prompts(body.get("prompt"))
+    suffix = "" if body.get("suffix") is None else body["suffix"]
+    if not isinstance(suffix, str):
+        raise APIError(400, "'suffix' must be a string", param="suffix")
+    prompts = _prompts(body.get("prompt"), may_be_empty=bool(suffix))
     unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - _OTHER_FIELDS)
     if unknown:
         log.info("ignoring unsupported fields: %s", ", ".join(unknown))
@@ -105,9 +108,6 @@ def parse_completion_request(body: dict, max_tokens_limit: int
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                  or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
         raise APIError(400, f"'logprobs' must be a whole number from 0 to {MAX_TOP_LOGPROBS}", param="logprobs")
-    suffix = "" if body.get("suffix") is None else body["suffix"]
-    if not isinstance(suffix, str):
-        raise APIError(400, "'suffix' must be a string", param="suffix")
     if echo and suffix:
         raise APIError(400, "'echo' with 'suffix' is not supported: the completion is the text between the prompt "
                             "and the suffix; ask for one of them", param="echo")
@@ -124,10 +124,11 @@ def parse_completion_request(body: dict, max_tokens_limit: int
     return model_id, prompts, params, stream, echo, suffix
 
 
-def _prompts(prompt) -> list[str]:
-    """The text prompts: a string, or a list of strings (one choice each)."""
+def _prompts(prompt, may_be_empty: bool = False) -> list[str]:
+    """The text prompts: a string, or a list of strings (one choice each); `may_be_empty` with a suffix,
+    where an empty prompt is a hole at the start of the text."""
     prompts = prompt if isinstance(prompt, list) else [prompt]
-    if not prompts or not all(isinstance(item, str) and item for item in prompts):
+    if not prompts or not all(isinstance(item, str) and (item or may_be_empty) for item in prompts):
         raise APIError(400, "'prompt' must be a non-empty string or a list of them (token-id prompts are not "
                             "supported)", param="prompt")
     return prompts
