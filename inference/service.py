@@ -526,10 +526,11 @@ class ChatService:
         return {"removed": file_id}
 
     # ----- one-shot completions (the /v1 API) ----------------------------------------------------
-    def complete(self, model_id: str, messages: list[dict] | str, params: GenerationParams,
+    def complete(self, model_id: str, messages, params: GenerationParams,
                  cancel: threading.Event | None = None, admission=None) -> Iterator[Chunk]:
         """Stream a reply to OpenAI-style `messages` with no session attached (`admission`: as in `chat`);
-        a string instead of messages is a raw prompt, given to the model without its chat template."""
+        a string instead of messages is a raw prompt, given to the model without its chat template; a
+        `peers.FillIn`, a raw prompt with a hole for a code model to fill."""
         if not model_id:
             raise ServiceError("model is required")
         with self.manager.use(model_id) as lm:

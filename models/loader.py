@@ -27,7 +27,7 @@ from .decode_step import make_decode_step
 from .gguf_file import GGUFHeader, read_header
 from .progress import ProgressFn
 from .quant_checkpoint import load_quantized_model
-from .templates import KNOWN_STOP_TOKENS, ChatFormat, chat_format_for
+from .templates import KNOWN_STOP_TOKENS, ChatFormat, FimTokens, chat_format_for, fim_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class LoadedModel:
     kernels: str = "torch"  # "native" | "torch": what multiplies the int8 weights of decode steps
     runtime: dict = field(default_factory=dict)  # engine state that lives and dies with these weights
     decode_step: object = None  # models/decode_step.py's loop for `model`, where it covers the model
+    fim: FimTokens | None = None  # fill-in-the-middle tokens, for code models that have them
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor | None = None):
         """Logits [rows, vocab] of one decode step: tokens and positions [rows, 1], one new token per row;
@@ -325,12 +326,14 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     memory += sum(b.numel() * b.element_size() for b in model.buffers())
     context = min(int(getattr(model.config, "max_position_embeddings", header.context_length)),
                   header.context_length, options.max_context)
+    fim = fim_tokens(header.metadata, tokenizer.backend_tokenizer.token_to_id, len(tokenizer))
     report(1.0, "loaded")
     return LoadedModel(
         model=model, tokenizer=tokenizer, chat_format=chat_format, context_length=context,
         device=device, dtype=dtype, architecture=header.architecture,
-        stop_token_ids=stop_ids(tokenizer, chat_format), memory_bytes=memory,
+        stop_token_ids=stop_ids(tokenizer, chat_format) | (fim.stops if fim else frozenset()), memory_bytes=memory,
         weights=weights,
         kernels="torch" if native is None else "native",
         decode_step=make_decode_step(model) if weights == "quantized" else None,
+        fim=fim,
     )

@@ -73,3 +73,52 @@ def chat_format_for(architecture: str, file_template: str | None) -> ChatFormat:
             f"the file has no chat template and there is no fallback for architecture "
             f"{architecture!r} (fallbacks exist for: {known})"
         ) from None
+
+
+# ----- fill-in-the-middle --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FimTokens:
+    """The ids a code model fills a hole with: `prefix {before} suffix {after} middle` (PSM order), the
+    model then writing what goes between. `stops`: separators that end the middle (a file separator,
+    the pad token), besides the model's own end tokens."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    stops: frozenset[int] = frozenset()
+
+
+# llama.cpp's GGUF keys (and the older ones it still reads): preferred to names when present
+FIM_METADATA = (("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id",
+                 "tokenizer.ggml.fim_mid_token_id"),
+                ("tokenizer.ggml.prefix_token_id", "tokenizer.ggml.suffix_token_id", "tokenizer.ggml.middle_token_id"))
+FIM_STOP_METADATA = ("tokenizer.ggml.fim_pad_token_id", "tokenizer.ggml.fim_rep_token_id",
+                     "tokenizer.ggml.fim_sep_token_id", "tokenizer.ggml.eot_token_id")
+# prefix, suffix, middle tokens by name, family by family
+FIM_NAMES = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2 / Qwen2.5(-Coder), CodeGemma
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, StarCoder2, SantaCoder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder (fullwidth bars)
+    ("▁<PRE>", "▁<SUF>", "▁<MID>"),  # CodeLlama
+)
+FIM_STOP_NAMES = ("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|file_separator|>", "<fim_pad>", "<file_sep>",
+                  "▁<EOT>")
+
+
+def fim_tokens(metadata: dict, lookup, vocab_size: int) -> FimTokens | None:
+    """The model's fill-in-the-middle tokens, or None when it has none: from the GGUF's fim_* ids where
+    the file names them, else by the families' token names. `lookup(name)`: a token's id, or None."""
+    def valid(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+    stops = {metadata.get(key) for key in FIM_STOP_METADATA} | {lookup(name) for name in FIM_STOP_NAMES}
+    stops = frozenset(token for token in stops if valid(token))
+    for keys in FIM_METADATA:
+        ids = [metadata.get(key) for key in keys]
+        if all(valid(token) for token in ids):
+            return FimTokens(*ids, stops=stops)
+    for names in FIM_NAMES:
+        ids = [lookup(name) for name in names]
+        if all(valid(token) for token in ids):
+            return FimTokens(*ids, stops=stops)
+    return None

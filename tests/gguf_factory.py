@@ -61,6 +61,8 @@ _LLAMA_SPECIALS = (
     "<|eot_id|>",
 )
 _QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen2.5-Coder's fill-in-the-middle and repository tokens (pass as `extra_specials=FIM_SPECIALS`)
+FIM_SPECIALS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
 _GEMMA_HEAD = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
 
 # Minimal chat templates in each family's format, for callers that want one in the file
@@ -295,6 +297,20 @@ class _Tensors:
         self.writer.add_tensor(name, np.ascontiguousarray(v, dtype=np.float32))
 
 
+def _with_specials(voc: dict, specials: tuple[str, ...]) -> dict:
+    """The vocabulary with `specials` appended as CONTROL tokens."""
+    if not specials:
+        return voc
+    voc = dict(voc)
+    first = len(voc["tokens"])
+    voc["tokens"] = [*voc["tokens"], *specials]
+    voc["token_types"] = [*voc["token_types"], *([int(TokenType.CONTROL)] * len(specials))]
+    if voc["scores"] is not None:
+        voc["scores"] = [*voc["scores"], *([-1000.0] * len(specials))]
+    voc["special_tokens"] = {**voc["special_tokens"], **{t: first + i for i, t in enumerate(specials)}}
+    return voc
+
+
 def _padded(voc: dict, multiple: int) -> dict:
     """The vocabulary with `<unused_N>` tokens appended up to a multiple of `multiple`."""
     extra = -len(voc["tokens"]) % multiple
@@ -324,6 +340,8 @@ def write_tiny_gguf(
     vocab_multiple: int = 1,
     chat_template: str | None = None,
     name: str | None = None,
+    extra_specials: tuple[str, ...] = (),
+    token_metadata: dict[str, str] | None = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight GGUF of `arch` ("llama", "qwen2" or "gemma3") and return its path.
 
@@ -334,6 +352,9 @@ def write_tiny_gguf(
     `ffn_down`, `token_embd`, ...; "mixed" = `MIXED_TYPES`): Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 quantize the
     random weights, Q4_K/Q6_K are random valid blocks; a role whose rows do not fit the type's block
     falls back to Q8_0. `vocab_multiple`: pad the vocabulary with unused tokens to a multiple of this.
+    `extra_specials`: more CONTROL tokens after the family's own (e.g. `FIM_SPECIALS`);
+    `token_metadata`: GGUF keys whose value is a token's id, by the token's text (e.g.
+    `{"tokenizer.ggml.fim_pre_token_id": "<PRE>", ...}`, as llama.cpp writes them).
     """
     _check_arch(arch)
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
@@ -343,7 +364,7 @@ def write_tiny_gguf(
         path = path / f"tiny-{arch}.gguf"
     head_dim = hidden // heads
     voc = _sentencepiece_vocab() if arch == "gemma3" else _byte_level_vocab(arch)
-    voc = _padded(voc, vocab_multiple)
+    voc = _padded(_with_specials(voc, extra_specials), vocab_multiple)
     n_vocab = len(voc["tokens"])
     rng = np.random.default_rng(seed)
 
@@ -403,6 +424,8 @@ def write_tiny_gguf(
             writer.add_add_space_prefix(False)
         if chat_template is not None:
             writer.add_chat_template(chat_template)
+        for key, token in (token_metadata or {}).items():
+            writer.add_uint32(key, voc["tokens"].index(token))
 
         # ---- tensors (generated in HF layout, then converted the way llama.cpp does)
         types = MIXED_TYPES if weight_types == "mixed" else weight_types

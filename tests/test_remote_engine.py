@@ -177,7 +177,10 @@ def test_text_completions_are_refused_for_a_remote(near):
     with OpenAI(base_url=near.v1, api_key="unused", max_retries=0, timeout=60) as client:
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="far", prompt="Once upon a time", max_tokens=4)
-    assert "remote engine" in caught.value.message
+        assert "remote engine" in caught.value.message
+        with pytest.raises(openai.BadRequestError) as caught:  # fill-in-the-middle: refused by name
+            client.completions.create(model="far", prompt="def f(", suffix="    return x", max_tokens=4)
+    assert "remote engine" in caught.value.message and caught.value.body["param"] == "suffix"
 
 
 def test_remote_gets_top_k_repetition_penalty_and_usage(near, client, session):

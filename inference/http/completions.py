@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..params import MAX_TOP_LOGPROBS, GenerationParams, InvalidParams
+from ..peers import FillIn
 from .openai import APIError, _as_api_error, _finish, _include_usage, _read_json
 from .choices import merge_events, merge_replies, start_together
 from .streams import ChunkSource, Disconnected, EventStream, next_or_disconnect, start_generation
@@ -42,11 +43,11 @@ def add_completions_route(router: APIRouter, service, workers, check_key) -> Non
         try:
             check_key(request)
             body = await _read_json(request)
-            model_id, prompts, params, stream, echo = parse_completion_request(body, config.max_tokens_limit)
+            model_id, prompts, params, stream, echo, suffix = parse_completion_request(body, config.max_tokens_limit)
             if len(prompts) > config.max_concurrent_generations:
                 raise APIError(400, f"'prompt': at most {config.max_concurrent_generations} prompts in one "
                                     f"request on this server (one per generation slot)", param="prompt")
-            longest = max(len(prompt) for prompt in prompts)
+            longest = max(len(prompt) for prompt in prompts) + len(suffix)
             if longest > config.max_prompt_chars:
                 raise APIError(400, f"the prompt is {longest:,} characters; the limit is "
                                     f"{config.max_prompt_chars:,}", param="prompt")
@@ -54,9 +55,11 @@ def add_completions_route(router: APIRouter, service, workers, check_key) -> Non
             if request.headers.get("x-session-id"):
                 raise APIError(400, "/v1/completions continues a raw prompt and is not bound to sessions; "
                                     "send X-Session-Id to /v1/chat/completions", param="X-Session-Id")
-            # a string for messages: a raw prompt, without the chat template (streams.open_stream)
+            # a string for messages: a raw prompt, without the chat template (streams.open_stream); with a
+            # suffix, a hole to fill between the prompt and the suffix (the peer refuses it without FIM tokens)
+            raw = [FillIn(prompt, suffix) if suffix else prompt for prompt in prompts]
             started = await start_together([start_generation(request, service, model_id, prompt, params, None, "",
-                                                             workers) for prompt in prompts])
+                                                             workers) for prompt in raw])
         except Disconnected:
             return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
         except Exception as error:
@@ -79,17 +82,21 @@ def add_completions_route(router: APIRouter, service, workers, check_key) -> Non
                              distinct_prompts=True)
 
 
-def parse_completion_request(body: dict, max_tokens_limit: int) -> tuple[str, list[str], GenerationParams, bool, bool]:
-    """(model id, prompts, parameters, stream, echo) from a /v1/completions body; a 400 naming the field
-    for anything it cannot honour."""
+def parse_completion_request(body: dict, max_tokens_limit: int
+                             ) -> tuple[str, list[str], GenerationParams, bool, bool, str]:
+    """(model id, prompts, parameters, stream, echo, suffix) from a /v1/completions body; a 400 naming the
+    field for anything it cannot honour. Whether the model can fill a hole (`suffix`) is the peer's to say."""
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise APIError(400, "'model' is required and must be a string", param="model")
-    prompts = _prompts(body.get("prompt"))
+    suffix = "" if body.get("suffix") is None else body["suffix"]
+    if not isinstance(suffix, str):
+        raise APIError(400, "'suffix' must be a string", param="suffix")
+    prompts = _prompts(body.get("prompt"), may_be_empty=bool(suffix))
     unknown = sorted(set(body) - set(_SAMPLING_FIELDS) - _OTHER_FIELDS)
     if unknown:
         log.info("ignoring unsupported fields: %s", ", ".join(unknown))
-    for field, neutral in (("n", (None, 1)), ("best_of", (None, 1)), ("suffix", (None, "")), ("logit_bias", (None, {}))):
+    for field, neutral in (("n", (None, 1)), ("best_of", (None, 1)), ("logit_bias", (None, {}))):
         if body.get(field) not in neutral:
             raise APIError(400, f"'{field}' is not supported by this server on /v1/completions; send it without "
                                 f"this field (README lists the fields honoured)", param=field)
@@ -101,6 +108,9 @@ def parse_completion_request(body: dict, max_tokens_limit: int) -> tuple[str, li
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                  or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
         raise APIError(400, f"'logprobs' must be a whole number from 0 to {MAX_TOP_LOGPROBS}", param="logprobs")
+    if echo and suffix:
+        raise APIError(400, "'echo' with 'suffix' is not supported: the completion is the text between the prompt "
+                            "and the suffix; ask for one of them", param="echo")
     if echo and logprobs is not None:
         raise APIError(400, "'echo' with 'logprobs' would need the prompt's logprobs, which this server does "
                             "not compute; ask for one of them", param="echo")
@@ -111,13 +121,14 @@ def parse_completion_request(body: dict, max_tokens_limit: int) -> tuple[str, li
         params = GenerationParams.from_dict(sampling, max_tokens_limit=max_tokens_limit)
     except (InvalidParams, TypeError) as error:
         raise APIError(400, str(error), param=str(error).split(":")[0]) from None
-    return model_id, prompts, params, stream, echo
+    return model_id, prompts, params, stream, echo, suffix
 
 
-def _prompts(prompt) -> list[str]:
-    """The text prompts: a string, or a list of strings (one choice each)."""
+def _prompts(prompt, may_be_empty: bool = False) -> list[str]:
+    """The text prompts: a string, or a list of strings (one choice each); `may_be_empty` with a suffix,
+    where an empty prompt is a hole at the start of the text."""
     prompts = prompt if isinstance(prompt, list) else [prompt]
-    if not prompts or not all(isinstance(item, str) and item for item in prompts):
+    if not prompts or not all(isinstance(item, str) and (item or may_be_empty) for item in prompts):
         raise APIError(400, "'prompt' must be a non-empty string or a list of them (token-id prompts are not "
                             "supported)", param="prompt")
     return prompts

@@ -294,7 +294,8 @@ def _as_api_error(error: Exception) -> APIError:
     status, headers = known
     code = {404: "session_not_found" if isinstance(error, SessionNotFound) else "model_not_found", 429: "busy",
             503: "model_unavailable"}.get(status)
-    return APIError(status, str(error), _ERROR_KINDS[status], code=code, headers=headers)
+    return APIError(status, str(error), _ERROR_KINDS[status], param=getattr(error, "param", None), code=code,
+                    headers=headers)
 
 
 def _finish(chunk) -> str:
