@@ -20,8 +20,6 @@ then use the model's own forward.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 
@@ -153,31 +151,40 @@ class NativeLayers:
             return LinearSpec(bits, 0, module.out_features, module.in_features, weights.data_ptr(), scales.data_ptr(),
                               bias.data_ptr() if bias is not None else None)
 
-        def norm(module):
+        def norm(module, size: int):
             if module is None:
                 return None
-            if not isinstance(module, FusedRMSNorm):
+            if not isinstance(module, FusedRMSNorm) or module.weight.numel() != size:
                 raise _Unsupported()
             norms.append(module.eps)
             return module.weight.data_ptr()
 
         kinds = sorted(set(step.layer_types))
         specs = (LayerSpec * len(step.layers))()
+        hidden, ffn = config.hidden_size, config.intermediate_size
+        queries, kvs = step.heads * step.head_dim, step.kv_heads * step.head_dim
+        shapes = {"q": (queries, hidden), "k": (kvs, hidden), "v": (kvs, hidden), "o": (hidden, queries),
+                  "gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}  # what layers.c assumes
+        if step.head_dim % 2 or step.heads % step.kv_heads:
+            return None
         try:
             for index, (spec, (layer, window)) in enumerate(zip(specs, step.layers)):
                 attention, mlp = layer.self_attn, layer.mlp
                 for name, module in (("q", attention.q_proj), ("k", attention.k_proj), ("v", attention.v_proj),
                                      ("o", attention.o_proj), ("gate", mlp.gate_proj), ("up", mlp.up_proj),
                                      ("down", mlp.down_proj)):
+                    if (getattr(module, "out_features", None), getattr(module, "in_features", None)) != shapes[name]:
+                        raise _Unsupported()
                     setattr(spec, name, linear(module))
-                spec.norm_in = norm(layer.input_layernorm)
+                spec.norm_in = norm(layer.input_layernorm, hidden)
                 if step.gemma:
-                    spec.norm_attn_out, spec.norm_ff_in = norm(layer.post_attention_layernorm), norm(
-                        layer.pre_feedforward_layernorm)
-                    spec.norm_ff_out = norm(layer.post_feedforward_layernorm)
-                    spec.norm_q, spec.norm_k = norm(attention.q_norm), norm(attention.k_norm)
+                    spec.norm_attn_out = norm(layer.post_attention_layernorm, hidden)
+                    spec.norm_ff_in = norm(layer.pre_feedforward_layernorm, hidden)
+                    spec.norm_ff_out = norm(layer.post_feedforward_layernorm, hidden)
+                    spec.norm_q, spec.norm_k = norm(attention.q_norm, step.head_dim), norm(attention.k_norm,
+                                                                                             step.head_dim)
                 else:
-                    spec.norm_ff_in = norm(layer.post_attention_layernorm)
+                    spec.norm_ff_in = norm(layer.post_attention_layernorm, hidden)
                 spec.window = window or 0
                 spec.rope = kinds.index(step.layer_types[index])
         except _Unsupported:
@@ -193,7 +200,8 @@ class NativeLayers:
         rows = x.shape[0]
         layers = getattr(cache, "layers", None)
         if (x.dtype != torch.float32 or rows >= NATIVE_MAX_ROWS or x.shape[1] != 1 or not layers
-                or len(layers) < len(self.specs) or not all(hasattr(layer, "reserve") for layer in layers)):
+                or len(layers) < len(self.specs)
+                or not all(hasattr(layer, "reserve") and getattr(layer, "is_initialized", False) for layer in layers)):
             return False
         keys = layers[0].keys
         if (keys.dtype != torch.float32 or keys.dim() != 4 or keys.shape[0] != rows
