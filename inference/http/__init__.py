@@ -6,13 +6,16 @@ from fastapi import APIRouter
 
 from . import ollama, openai
 from .limits import BodySizeLimit
+from .streams import worker_pool
 
 
 def create_router(service, api_key: str | None = None) -> APIRouter:
-    """Every HTTP API route (`/health`, `/v1`, `/api`), behind `api_key` where one is set."""
-    router = APIRouter()
-    router.include_router(openai.create_router(service, api_key))
-    router.include_router(ollama.create_router(service, api_key))
+    """Every HTTP API route (`/health`, `/v1`, `/api`), behind `api_key` where one is set; both APIs'
+    generations run on one worker pool, sized for the engine's slots."""
+    workers = worker_pool(service.config)
+    router = APIRouter(on_shutdown=[lambda: workers.shutdown(wait=False, cancel_futures=False)])
+    router.include_router(openai.create_router(service, workers, api_key))
+    router.include_router(ollama.create_router(service, workers, api_key))
     return router
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import AsyncIterator, Callable
 
@@ -27,7 +28,7 @@ from ..tools import ToolCallStream, parse_tool_calls
 from .ollama_requests import (LATEST, Job, OllamaError, catalog_id, check_context, check_length, flag, model_name,
                               parse_chat, parse_generate, read_json)
 from .streams import (ChunkSource, Disconnected, EventStream, bearer_ok, error_status, next_or_disconnect,
-                      session_binding, start_generation, worker_pool)
+                      session_binding, start_generation)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ UNSERVED = {"/api/embed": "embeddings", "/api/embeddings": "embeddings", "/api/c
             "/api/blobs": "uploading blobs"}
 
 
-def create_router(service, api_key: str | None = None) -> APIRouter:
+def create_router(service, workers: ThreadPoolExecutor, api_key: str | None = None) -> APIRouter:
+    """The /api routes; `workers` run admitted generations and blocking calls (streams.worker_pool)."""
     config = service.config
-    workers = worker_pool(config)
-    router = APIRouter(on_shutdown=[lambda: workers.shutdown(wait=False, cancel_futures=False)])
+    router = APIRouter()
 
     def check_key(request: Request) -> None:
         if not bearer_ok(request, api_key):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -13,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from ..params import GenerationParams, InvalidParams
 from ..tools import ToolError, chat_message, parse_tool_request
+from .streams import BadBody, json_object
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,9 @@ class Job:
 
 async def read_json(request: Request) -> dict:
     try:
-        body = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise OllamaError(400, f"the request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise OllamaError(400, "the request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise OllamaError(400, "the request body must be a JSON object")
-    return body
+        return await json_object(request)
+    except BadBody as error:
+        raise OllamaError(400, str(error)) from None
 
 
 def model_name(body: dict) -> str:

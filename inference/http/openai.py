@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -23,8 +24,8 @@ from sessions import LOCAL_USER, SessionNotFound
 from ..params import GenerationParams, InvalidParams
 from ..tools import ToolCallStream, ToolError, chat_message, parse_tool_calls, parse_tool_request
 from .choices import merge_events, merge_replies, start_together
-from .streams import (ChunkSource, Disconnected, EventStream, bearer_ok, error_status, next_or_disconnect,
-                      session_binding, start_generation, worker_pool)
+from .streams import (BadBody, ChunkSource, Disconnected, EventStream, bearer_ok, error_status, json_object,
+                      next_or_disconnect, session_binding, start_generation)
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,10 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def create_router(service, api_key: str | None = None) -> APIRouter:
+def create_router(service, workers: ThreadPoolExecutor, api_key: str | None = None) -> APIRouter:
+    """The /v1 routes and /health; `workers` run admitted generations (streams.worker_pool)."""
     config = service.config
-    workers = worker_pool(config)
-    router = APIRouter(on_shutdown=[lambda: workers.shutdown(wait=False, cancel_futures=False)])
+    router = APIRouter()
 
     def check_key(request: Request) -> None:
         if not bearer_ok(request, api_key):
@@ -137,14 +138,10 @@ def create_router(service, api_key: str | None = None) -> APIRouter:
 
 async def _read_json(request: Request) -> dict:
     try:
-        body = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise APIError(400, f"The request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise APIError(400, "The request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object")
-    return body
+        return await json_object(request)
+    except BadBody as error:
+        message = str(error)
+        raise APIError(400, message[:1].upper() + message[1:]) from None
 
 
 def _parse_request(body: dict, max_tokens_limit: int) -> tuple[str, list[dict], GenerationParams, bool]:

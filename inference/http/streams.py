@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,23 @@ def error_status(error: BaseException) -> tuple[int, dict[str, str]] | None:
     if isinstance(error, (PromptTooLong, InvalidParams, ValueError)):
         return 400, {}
     return None
+
+
+class BadBody(ValueError):
+    """A request body that is not a JSON object; each API answers it with a 400 in its own shape."""
+
+
+async def json_object(request: Request) -> dict:
+    """The request's body as a JSON object (an empty body reads as null, which is refused)."""
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadBody(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise BadBody("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadBody("the request body must be a JSON object")
+    return body
 
 
 def bearer_ok(request: Request, api_key: str | None) -> bool:
