@@ -121,7 +121,7 @@ def test_chat_streams_the_same_reply_as_ndjson(app, client):
     assert "".join(p.message.content for p in parts) == whole.message.content
     assert all(not p.done for p in parts[:-1]) and parts[-1].done
     assert parts[-1].eval_count == whole.eval_count and parts[-1].prompt_eval_count == whole.prompt_eval_count
-    body = {"model": MODEL, "messages": HELLO, "options": {"num_predict": 3}}
+    body = {"model": MODEL, "messages": HELLO, "options": {**GREEDY, "num_predict": 3}}  # greedy: no early EOS
     with httpx.stream("POST", f"{app.url}/api/chat", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("application/x-ndjson")
