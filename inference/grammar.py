@@ -171,7 +171,7 @@ def _vocab_size(lm) -> int:
 
 
 def build_lltokenizer(hf_tokenizer, stop_ids: list[int], vocab_size: int):
-    """(llguidance tokenizer, vocabulary size) from a transformers fast tokenizer.
+    """(llguidance tokenizer, vocabulary size) from the model's tokenizer (transformers' or ours).
 
     llguidance's own `hf.from_tokenizer` re-parses the tokenizer's JSON, which takes ~8 s for Gemma's
     vocabulary here; the token bytes go in directly in ~2 s (tests check both give the same tokens)."""
@@ -203,7 +203,7 @@ def token_bytes(hf_tokenizer) -> list[bytes]:
     like one, `<...>`) get a leading 0xFF, llguidance's convention: a grammar never spells them out as text."""
     pieces = hf_tokenizer.convert_ids_to_tokens(list(range(len(hf_tokenizer))))
     added = hf_tokenizer.added_tokens_decoder
-    decoder = hf_tokenizer.backend_tokenizer.decoder
+    decoder = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "decoder", None)  # none: SentencePiece
     byte_level = decoder is not None and "ByteLevel" in decoder.__getstate__().decode("utf-8", "replace")
     unicode_to_byte = {char: byte for byte, char in _bytes_to_unicode().items()}
     out = []

@@ -7,8 +7,9 @@ tokenizer builders and the per-architecture tensor fix-ups (llama's q/k permutat
 norm offset), so our checkpoint is the one transformers would have built.
 
 Where transformers' own steps are slow we take faster routes to the same result: its tensor name
-map built once rather than once per submodule, SentencePiece merges derived in numpy, and the
-weights streamed into `model.safetensors` a megabyte at a time, never all in memory at once.
+map built once rather than once per submodule, Gemma's tokenizer as a SentencePiece model of its own
+vocabulary (models/spm_tokenizer.py; other SentencePiece files get their merges derived in numpy), and
+the weights streamed into `model.safetensors` a megabyte at a time, never all in memory at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from .gguf_file import GGML_TYPES, GGUFError, GGUFHeader, TensorInfo
 from .merges import sentencepiece_merges
+from . import spm_tokenizer
 from .progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -63,17 +65,20 @@ def build_config(header: GGUFHeader):
             f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     config: dict = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}))
-    for key, value in header.metadata.items():
+    for key in header.metadata:
         prefix, _, rest = key.partition(".")
         target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
-        if target is None or target == -1 or isinstance(value, list) and prefix != arch:
+        if target is None or target == -1:
+            continue
+        value = header.metadata[key]
+        if isinstance(value, list) and prefix != arch:
             continue
         config[target] = value
     names = {t.name for t in header.tensors}
     config["tie_word_embeddings"] = "output.weight" not in names
     if config.get("model_type") == "gemma3":
         config["model_type"] = "gemma3_text"  # a GGUF holds only Gemma 3's text backbone
-    config.setdefault("vocab_size", len(header.metadata.get("tokenizer.ggml.tokens", [])))
+    config.setdefault("vocab_size", header.metadata.length("tokenizer.ggml.tokens"))
     model_type = config.pop("model_type")
     return AutoConfig.for_model(model_type, **config)
 
@@ -135,6 +140,15 @@ def _tokenizer_json(header: GGUFHeader, tokenizer_dict: dict) -> tuple[str, dict
     except (ValueError, KeyError) as error:
         raise UnsupportedModel(f"cannot build the tokenizer of {header.path.name}: {error}") from error
     return backend.to_str(), extra
+
+
+def write_tokenizer(header: GGUFHeader, folder: Path) -> None:
+    """The tokenizer files of `header`: a SentencePiece model where models/spm_tokenizer.py builds one
+    (Gemma's), transformers' `tokenizer.json` otherwise."""
+    if spm_tokenizer.applies_to(header):
+        spm_tokenizer.write_tokenizer(header, folder)
+    else:
+        save_tokenizer(*build_tokenizer(header), folder)
 
 
 def save_tokenizer(tokenizer_json: str, tokenizer_config: dict, folder: Path) -> None:
@@ -389,7 +403,7 @@ def write_weights(header: GGUFHeader, config, dtype: torch.dtype, path: Path,
         raise RuntimeError(f"wrote {written:,} bytes of weights for {header.path.name}, expected {total:,}")
 
 
-CHECKPOINT_FILES = ("config.json", "tokenizer_config.json", "source.json", "tokenizer.json", "model.safetensors")
+CHECKPOINT_FILES = ("config.json", "tokenizer_config.json", "source.json", "model.safetensors")
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -407,12 +421,21 @@ def checkpoint_problem(folder: Path) -> str | None:
             json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             return f"{name} is damaged ({exc})"
+    return _tokenizer_problem(folder) or _safetensors_problem(folder / "model.safetensors")
+
+
+def _tokenizer_problem(folder: Path) -> str | None:
+    """The tokenizer is ours (`tokenizer.model`, models/spm_tokenizer.py) or transformers' (`tokenizer.json`)."""
+    if (folder / spm_tokenizer.MODEL_FILE).is_file():
+        return spm_tokenizer.model_problem(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return "missing tokenizer.json"
     with (folder / "tokenizer.json").open("rb") as handle:
         handle.seek(0, os.SEEK_END)
         handle.seek(max(0, handle.tell() - 16))
         if not handle.read().rstrip().endswith(b"}"):
             return "tokenizer.json is cut short"
-    return _safetensors_problem(folder / "model.safetensors")
+    return None
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -453,7 +476,7 @@ def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
     try:
         # The tokenizer (mostly Python) builds and saves on a second thread while numpy converts the weights.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            tokenizer = pool.submit(lambda: save_tokenizer(*build_tokenizer(header), staging))
+            tokenizer = pool.submit(write_tokenizer, header, staging)
             if quantized:
                 from .quant_checkpoint import write_quantized_weights
 

@@ -3,6 +3,10 @@
 gguf-py's `GGUFReader` builds a numpy view per array element (18 s for the 262k-token
 vocabulary of the bundled model); this reader parses the header in one pass with `struct`
 and numpy, so listing a catalog of models stays instant.
+
+Large arrays (a vocabulary's tokens, scores, types and merges) are only stepped over: the metadata
+keeps where they are and reads them from the file when asked (`GGUFMetadata`). Loading a converted
+model never asks, and a header kept in a cache holds no 262k Python strings (~25 MiB, 0.65 s).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ FILE_TYPES = {
 }
 
 _MAX_COUNT = 1 << 26  # more keys, tensors or array items than this means a damaged header
+DEFERRED_ITEMS = 4096  # arrays at least this long are read from the file when asked for, not parsed
 
 
 class GGUFError(ValueError):
@@ -84,11 +89,49 @@ class TensorInfo:
         return GGML_TYPES[self.ggml_type][0]
 
 
+@dataclass(frozen=True)
+class DeferredArray:
+    """Where a large metadata array lies in its file: `GGUFMetadata` reads it when asked."""
+
+    path: Path
+    offset: int  # of the array's item type
+    count: int
+
+    def read(self) -> list:
+        with self.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cursor = _Cursor(buf, self.path)
+            cursor.pos = self.offset
+            return cursor.array(defer=False)
+
+
+class GGUFMetadata(dict):
+    """The header's key-value pairs; a large array is read from the file each time it is looked up
+    (`[]`, `get`, `items`, `values`), so nothing keeps it in memory longer than its user does."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        return value.read() if isinstance(value, DeferredArray) else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(key, self[key]) for key in self]
+
+    def values(self):
+        return [self[key] for key in self]
+
+    def length(self, key: str) -> int:
+        """The number of items of an array value (0 if absent), without reading a deferred one."""
+        value = super().get(key)
+        return value.count if isinstance(value, DeferredArray) else len(value or ())
+
+
 @dataclass
 class GGUFHeader:
     path: Path
     version: int
-    metadata: dict
+    metadata: GGUFMetadata
     tensors: list[TensorInfo] = field(default_factory=list)
     data_offset: int = 0
     file_size: int = 0
@@ -189,9 +232,13 @@ class _Cursor:
             return self.array()
         raise GGUFError(f"{self.path.name} is corrupt (unknown value type {value_type})")
 
-    def array(self):
+    def array(self, defer: bool = True):
+        start = self.pos
         item_type = self.scalar("<I")
         n = self.count()
+        if defer and n >= DEFERRED_ITEMS and item_type in (*_SCALARS, _STRING):
+            self.skip_items(item_type, n)
+            return DeferredArray(self.path, start, n)
         if item_type in _SCALARS:
             dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder("<")
             self.need(n * dtype.itemsize)
@@ -201,6 +248,21 @@ class _Cursor:
         if item_type == _STRING:
             return self.strings(n)
         return [self.value(item_type) for _ in range(n)]
+
+    def skip_items(self, item_type: int, n: int) -> None:
+        if item_type in _SCALARS:
+            self.need(n * struct.calcsize(_SCALARS[item_type][0]))
+            self.pos += n * struct.calcsize(_SCALARS[item_type][0])
+            return
+        buf, pos, end = self.buf, self.pos, self.end
+        length_at = struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            if pos + 8 > end:
+                raise self.truncated()
+            pos += 8 + length_at(buf, pos)[0]
+        if pos > end:
+            raise self.truncated()
+        self.pos = pos
 
     def strings(self, n: int) -> list[str]:
         """`n` length-prefixed strings: a vocabulary has 100k-260k of them, so this loop stays tight."""
@@ -245,7 +307,7 @@ def _parse(buf, path: Path, file_size: int) -> GGUFHeader:
     if version not in (2, 3):
         raise GGUFError(f"{path.name} uses GGUF version {version}; versions 2 and 3 are supported")
     n_tensors, n_kv = cursor.count(), cursor.count()
-    metadata = {}
+    metadata = GGUFMetadata()
     for _ in range(n_kv):
         key = cursor.string()
         metadata[key] = cursor.value(cursor.scalar("<I"))

@@ -4,7 +4,8 @@ The first load of a file converts it into a cache folder: on the CPU by default 
 blocks into the int4/int8 kernels' layouts (models/quant_checkpoint.py,
 `<cache>/converted/<sha256>-q<format>-<layout>/`), otherwise dequantized (models/convert.py,
 `<cache>/converted/<sha256>-<dtype>/`). Every later load memory-maps that safetensors file and reads
-the tokenizer from its `tokenizer.json`, the two in parallel.
+the tokenizer (Gemma's `tokenizer.model`, models/spm_tokenizer.py; transformers' `tokenizer.json` for
+the others), the two in parallel.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .decode_step import make_decode_step
+from . import spm_tokenizer
 from .gguf_file import GGUFHeader, read_header
 from .progress import ProgressFn
 from .quant_checkpoint import load_quantized_model
@@ -224,7 +226,10 @@ def import_model_code() -> float:
 
 
 def load_tokenizer(folder: Path):
-    """The fast tokenizer from `tokenizer.json`, straight into the Rust backend."""
+    """Our SentencePiece tokenizer where the folder has its model, else transformers' fast tokenizer from
+    `tokenizer.json`, straight into the Rust backend."""
+    if (folder / spm_tokenizer.MODEL_FILE).is_file():
+        return spm_tokenizer.SentencePieceTokenizer.from_folder(folder)
     from transformers import PreTrainedTokenizerFast
 
     settings = json.loads((folder / "tokenizer_config.json").read_text())
@@ -255,9 +260,15 @@ def load_weights(folder: Path, device: torch.device, dtype: torch.dtype, quantiz
     return model.eval()
 
 
+def token_lookup(tokenizer):
+    """token -> id (None if absent), for either kind of tokenizer `load_tokenizer` gives. Token by token:
+    transformers' `get_vocab()` would build a 262k-entry dict for a handful of lookups."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return tokenizer.token_to_id if backend is None else backend.token_to_id
+
+
 def stop_ids(tokenizer, chat_format: ChatFormat) -> frozenset[int]:
-    # token by token: `get_vocab()` would build a 262k-entry dict for a handful of lookups
-    lookup = tokenizer.backend_tokenizer.token_to_id
+    lookup = token_lookup(tokenizer)
     ids = {lookup(token) for token in (*chat_format.stop_tokens, *KNOWN_STOP_TOKENS)} - {None}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -295,6 +306,9 @@ def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype,
                 report(0.0, "converting the GGUF file (first load only)")
             convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m),
                                   quantized=weights == "quantized")
+        elif spm_tokenizer.applies_to(header) and not (folder / spm_tokenizer.MODEL_FILE).is_file():
+            report(0.0, "building the tokenizer (once)")  # a folder converted before we built Gemma's
+            spm_tokenizer.write_tokenizer(header, folder)
     return folder
 
 
@@ -326,7 +340,7 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     memory += sum(b.numel() * b.element_size() for b in model.buffers())
     context = min(int(getattr(model.config, "max_position_embeddings", header.context_length)),
                   header.context_length, options.max_context)
-    fim = fim_tokens(header.metadata, tokenizer.backend_tokenizer.token_to_id, len(tokenizer))
+    fim = fim_tokens(header.metadata, token_lookup(tokenizer), len(tokenizer))
     report(1.0, "loaded")
     return LoadedModel(
         model=model, tokenizer=tokenizer, chat_format=chat_format, context_length=context,

@@ -12,7 +12,7 @@ import torch
 from inference.generate import stream_generate
 from inference.params import GenerationParams
 from models.gguf_file import read_header
-from models.loader import load_model
+from models.loader import load_model, token_lookup
 from models.templates import GEMMA
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def test_header(bundled_model):
 def test_loaded_model(gemma):
     assert gemma.architecture == "gemma3"
     assert gemma.chat_format is GEMMA  # the base model's file carries no template
-    assert gemma.tokenizer.get_vocab()["<end_of_turn>"] in gemma.stop_token_ids
+    assert token_lookup(gemma.tokenizer)("<end_of_turn>") in gemma.stop_token_ids
     assert gemma.context_length == 8192  # the served cap, below the model's 32k
 
 

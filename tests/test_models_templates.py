@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gguf_factory import write_tiny_gguf
-from models.loader import LoadOptions, load_model
+from models.loader import LoadOptions, load_model, token_lookup
 from models.templates import CHATML, GEMMA, LLAMA3, UnknownArchitecture, chat_format_for
 
 F32 = LoadOptions(dtype="float32")
@@ -67,15 +67,15 @@ def test_fallback_renders_the_family_turns(loaded, arch):
     ids = lm.render_chat(CHAT)
     assert lm.tokenizer.decode(ids) == EXPECTED[arch]
     # the turn markers are single special tokens, not spelled out in pieces
-    vocab = lm.tokenizer.get_vocab()
-    assert ids.count(vocab[END_OF_TURN[arch]]) == EXPECTED[arch].count(END_OF_TURN[arch]) >= 3
+    vocab = token_lookup(lm.tokenizer)
+    assert ids.count(vocab(END_OF_TURN[arch])) == EXPECTED[arch].count(END_OF_TURN[arch]) >= 3
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2", "llama"])
 def test_stop_tokens_hold_end_of_turn_and_eos(loaded, arch):
     lm = loaded[arch]
-    vocab = lm.tokenizer.get_vocab()
-    assert vocab[END_OF_TURN[arch]] in lm.stop_token_ids
+    vocab = token_lookup(lm.tokenizer)
+    assert vocab(END_OF_TURN[arch]) in lm.stop_token_ids
     assert lm.tokenizer.eos_token_id in lm.stop_token_ids
     assert all(0 <= i < len(lm.tokenizer) for i in lm.stop_token_ids)
 
@@ -93,8 +93,8 @@ def test_files_own_template_wins(tmp_path, model_cache):
     text = render_text(lm, CHAT[1:3])
     assert text == "### USER: Hi there\n### ASSISTANT: Hello!\n### ASSISTANT:"
     assert lm.tokenizer.decode(lm.render_chat(CHAT[1:3])) == text
-    vocab = lm.tokenizer.get_vocab()
-    assert {vocab["<end_of_turn>"], vocab["<eos>"]} <= lm.stop_token_ids
+    vocab = token_lookup(lm.tokenizer)
+    assert {vocab("<end_of_turn>"), vocab("<eos>")} <= lm.stop_token_ids
 
 
 def test_unknown_architecture_without_template():
