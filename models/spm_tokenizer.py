@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 MODEL_FILE = "tokenizer.model"  # the SentencePiece ModelProto
 CONFIG_FILE = "tokenizer_config.json"
@@ -77,7 +78,7 @@ def build_model(header) -> tuple[bytes, dict]:
     for i in plain:
         piece_types[i] = USER_DEFINED
     piece_types[unk] = UNKNOWN
-    pieces = b"".join(_piece(token, -float(rank), kind) for rank, (token, kind) in enumerate(zip(tokens, piece_types)))
+    pieces = _pieces(tokens, piece_types)
     ids = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in
            (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id"))}
     trainer = (_varint_field(3, 2) + _varint_field(4, len(tokens)) + _varint_field(35, 1)  # BPE, byte fallback
@@ -99,13 +100,20 @@ def _normalizer() -> bytes:
     return _bytes_field(3, spec)
 
 
-def _piece(token: str, score: float, kind: int) -> bytes:
-    text = token.encode("utf-8")
-    body = _bytes_field(1, text) + b"\x15" + struct.pack("<f", score) + _varint_field(3, kind)
-    return _bytes_field(1, body)
+def _pieces(tokens: list[str], kinds: list[int]) -> bytes:
+    """ModelProto's repeated `pieces` field: (piece, score = minus the rank, type) for every token."""
+    scores = (-np.arange(len(tokens), dtype="<f4")).tobytes()
+    out = []
+    for rank, (token, kind) in enumerate(zip(tokens, kinds)):
+        text = token.encode("utf-8")
+        body = b"\x0a" + _varint(len(text)) + text + b"\x15" + scores[4 * rank:4 * rank + 4] + b"\x18" + bytes((kind,))
+        out.append(b"\x0a" + _varint(len(body)) + body)
+    return b"".join(out)
 
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return bytes((value,))
     value &= (1 << 64) - 1  # protobuf writes a negative int32 as its 64-bit two's complement
     out = bytearray()
     while value > 0x7F:
