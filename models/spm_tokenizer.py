@@ -161,7 +161,7 @@ class SentencePieceTokenizer:
             for i in sorted({*self.special_ids, *config.get("plain_ids", ())})
         }
         self._added = {token.content: i for i, token in self.added_tokens_decoder.items()}
-        self._matcher = re.compile(_trie_pattern(self._added)) if self._added else None
+        self._matcher = AddedTokens(self._added)
         self.special_tokens_map = {f"{name}_token": config[f"{name}_token"]
                                    for name in ("bos", "eos", "unk", "pad") if config.get(f"{name}_token")}
         for name in ("bos", "eos", "unk", "pad"):
@@ -186,11 +186,11 @@ class SentencePieceTokenizer:
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids.append(self.bos_token_id)
         start = 0
-        for match in self._matcher.finditer(text) if self._matcher else ():
-            if match.start() > start:
-                ids += self._sp.encode(text[start:match.start()])
-            ids.append(self._added[match.group()])
-            start = match.end()
+        for begin, end, token_id in self._matcher.find(text):
+            if begin > start:
+                ids += self._sp.encode(text[start:begin])
+            ids.append(token_id)
+            start = end
         if start < len(text):
             ids += self._sp.encode(text[start:])
         if add_special_tokens and self.add_eos_token and self.eos_token_id is not None:
@@ -257,9 +257,51 @@ def _decode_run(run: bytearray) -> str:
         return "\ufffd" * len(run)
 
 
+class AddedTokens:
+    """Finds added tokens in a text: the leftmost first, the longest where several start at one place,
+    as `tokenizers` matches them.
+
+    One regex shaped as a trie (Python's `re` tries an alternation branch by branch, and 6,000 flat
+    branches at every '<' and newline are slow); numbered families of tokens (Gemma's `<unused0>` ..
+    `<unused6241>`) are matched by one `<unused[0-9]+>` and checked against the set, since their trie alone
+    takes ~0.1 s to compile."""
+
+    FAMILY = 64  # members a numbered family needs to be matched by its shape
+
+    def __init__(self, tokens: dict[str, int]):
+        self.ids = tokens
+        shapes: dict[str, list[str]] = {}
+        for token in tokens:
+            shapes.setdefault(_NUMBER.sub("\0", token), []).append(token)
+        families = {shape for shape, members in shapes.items() if len(members) >= self.FAMILY and shape.count("\0") == 1}
+        rest = [token for shape, members in shapes.items() if shape not in families for token in members]
+        family = "|".join("[0-9]+".join(map(re.escape, shape.split("\0"))) for shape in sorted(families))
+        trie = _trie_pattern(rest) if rest else ""
+        self.rest = re.compile(trie) if trie else None
+        pattern = "|".join(part for part in (f"(?P<family>{family})" if family else "", trie) if part)
+        self.pattern = re.compile(pattern) if pattern else None
+
+    def find(self, text: str):
+        """(start, end, id) of each added token in `text`, in order."""
+        pos = 0
+        while self.pattern is not None and (match := self.pattern.search(text, pos)) is not None:
+            start, found = match.start(), match.group()
+            if match.lastgroup == "family":  # a number outside the family, or a longer token of the rest
+                other = self.rest.match(text, start) if self.rest else None
+                if other and (found not in self.ids or other.end() > match.end()):
+                    found = other.group()
+            if found not in self.ids:
+                pos = start + 1
+                continue
+            yield start, start + len(found), self.ids[found]
+            pos = start + len(found)
+
+
+_NUMBER = re.compile("[0-9]+")
+
+
 def _trie_pattern(words) -> str:
-    """A regex matching any of `words`, longest first at each position, as a trie: Python's `re` tries an
-    alternation branch by branch, and 6,000 flat branches at every '<' and newline are slow."""
+    """A regex matching any of `words`, the longest first at each position."""
     trie: dict = {}
     for word in words:
         node = trie

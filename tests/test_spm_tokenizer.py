@@ -14,11 +14,12 @@ import torch
 from models import gguf_file
 from models.gguf_file import read_header
 from models.loader import LoadOptions, checkpoint_dir, load_model, load_tokenizer, token_lookup
-from models.spm_tokenizer import MODEL_FILE, SentencePieceTokenizer, applies_to, build_model
+from models.spm_tokenizer import MODEL_FILE, AddedTokens, SentencePieceTokenizer, applies_to, build_model
 from tokenizer_reference import transformers_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<unk>", "<pad>", "<mask>", "\n\n", "\n", "\t\t",
+            "<unused99999>", "<unused12", "<unused0>",
             "<b>", "</b>", "<unused3>", "[multimodal]", "<0x41>", "\u2581", "   ", "  "]
 
 
@@ -153,3 +154,31 @@ def test_the_bundled_gemma_tokenizer_agrees_with_transformers(bundled_model, mod
     assert isinstance(lm.tokenizer, SentencePieceTokenizer)
     theirs = transformers_tokenizer(bundled_model)
     assert_same_tokenizer(lm.tokenizer, theirs, sample_texts(1500, seed=1), seed=1)
+
+
+def leftmost_longest(tokens: dict[str, int], text: str) -> list[tuple[int, int, int]]:
+    found, pos = [], 0
+    while pos < len(text):
+        match = max((t for t in tokens if text.startswith(t, pos)), key=len, default=None)
+        if match is None:
+            pos += 1
+        else:
+            found.append((pos, pos + len(match), tokens[match]))
+            pos += len(match)
+    return found
+
+
+def test_added_tokens_are_found_leftmost_then_longest_numbered_families_included():
+    """A numbered family (`<unused0>`..) is matched by its shape and checked against the set: numbers
+    outside it, and longer or overlapping tokens of the rest, still come out as a plain scan finds them."""
+    words = [f"<unused{i}>" for i in range(200)] + ["<u>", "<unused>", "<unused7", "<unused12>x", "\n", "\n\n", "<b>",
+                                                   "</b>", "[multimodal]", "<bos>"]
+    tokens = {word: i for i, word in enumerate(words)}
+    matcher = AddedTokens(tokens)
+    assert matcher.pattern.groupindex.get("family")  # the family is matched by its shape
+    rng = random.Random(3)
+    pieces = ["<unused", "<u>", ">", "12", "7", "999", "<", "x", "\n", "a b", "</b>", "[multimodal]", "<bos", ">"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12)))
+        assert list(matcher.find(text)) == leftmost_longest(tokens, text), repr(text)
+    assert list(AddedTokens({}).find("<unused1>")) == []
