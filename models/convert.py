@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import spm_tokenizer
 from .gguf_file import GGML_TYPES, GGUFError, GGUFHeader, TensorInfo
 from .merges import sentencepiece_merges
-from . import spm_tokenizer
 from .progress import ProgressFn
 
 log = logging.getLogger(__name__)

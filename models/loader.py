@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from . import spm_tokenizer
 from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .decode_step import make_decode_step
-from . import spm_tokenizer
 from .gguf_file import GGUFHeader, read_header
 from .progress import ProgressFn
 from .quant_checkpoint import load_quantized_model

@@ -240,10 +240,9 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     from .qlinear import install_quantized
-
-    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(folder)
     config.dtype = dtype

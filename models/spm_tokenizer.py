@@ -3,7 +3,7 @@
 A Gemma GGUF lists its 262,144 tokens in merge order but no merges. transformers' builder derives
 514,906 BPE merges from the vocabulary for `tokenizers`: ~4.6 s to load and ~290 MiB resident. The same
 tokens, in the same order, as a SentencePiece BPE model give the same token ids (sentencepiece merges the
-adjacent pair whose result ranks best, the rule the derived merges encode) in 0.13 s and ~40 MiB.
+adjacent pair whose result ranks best, the rule the derived merges encode) in ~0.15 s and ~50 MiB.
 
 What transformers adds on top is kept: the file's CONTROL tokens (`<bos>`, `<start_of_turn>`,
 `<unused12>`) are special and USER_DEFINED ones (`\\n\\n`, `<b>`) plain added tokens, both matched whole
