@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from ..params import MAX_TOP_LOGPROBS, GenerationParams, InvalidParams
 from ..peers import FillIn
-from .openai import APIError, _as_api_error, _finish, _include_usage, _read_json
+from .openai import APIError, _as_api_error, _finish, _include_usage, _read_json, _read_reply
 from .choices import merge_events, merge_replies, start_together
 from .streams import ChunkSource, Disconnected, EventStream, next_or_disconnect, start_generation
 
@@ -204,22 +204,13 @@ async def _sse_events(request: Request, source: ChunkSource, first, reply: _Repl
 
 
 async def _collect(request: Request, source: ChunkSource, first, reply: _Reply):
-    text, chunk, last = reply.echoed, first, first
+    chunks: list = []
+    failed = await _read_reply(request, source, first, chunks.append)
+    if failed is not None:
+        return failed
+    text, last = reply.echoed + "".join(chunk.text for chunk in chunks), chunks[-1] if chunks else None
     logprobs = reply.logprobs(None) if reply.wants_logprobs else None
-    try:
-        while chunk is not None:
-            text += chunk.text
-            last = chunk
-            if logprobs is not None:
-                for key, values in reply.logprobs(chunk).items():
-                    logprobs[key] += values
-            if chunk.finish_reason is not None:
-                break
-            chunk = await next_or_disconnect(request, source)
-    except Disconnected:
-        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-    except Exception as error:
-        return _as_api_error(error).response()
-    finally:
-        source.close_soon()
+    for chunk in chunks if logprobs is not None else ():
+        for key, values in reply.logprobs(chunk).items():
+            logprobs[key] += values
     return {**reply.payload(text, _finish(last) if last else "stop", logprobs), "usage": _usage(last)}

@@ -363,15 +363,14 @@ def _tool_deltas(splitter: ToolCallStream, chunk) -> list[dict]:
     return deltas
 
 
-async def _collect(request, source: ChunkSource, first, completion_id, created, model_id, tools=None):
-    text, chunk, last, logprobs = "", first, first, None
+async def _read_reply(request, source: ChunkSource, first, take) -> JSONResponse | None:
+    """Read a reply that is not streamed to its end, handing `take` each chunk (the last one carries the
+    finish reason and the counts). None once read; else the response to send instead: 499 when the client
+    went away, the API error when the generation failed. Chat and text completions both read through it."""
+    chunk = first
     try:
         while chunk is not None:
-            text += chunk.text
-            last = chunk
-            if chunk.logprobs is not None:
-                logprobs = logprobs or {"content": [], "refusal": None}
-                logprobs["content"] += _openai_logprobs(chunk)["content"]
+            take(chunk)
             if chunk.finish_reason is not None:
                 break
             chunk = await next_or_disconnect(request, source)
@@ -381,6 +380,20 @@ async def _collect(request, source: ChunkSource, first, completion_id, created, 
         return _as_api_error(error).response()
     finally:
         source.close_soon()
+    return None
+
+
+async def _collect(request, source: ChunkSource, first, completion_id, created, model_id, tools=None):
+    chunks: list = []
+    failed = await _read_reply(request, source, first, chunks.append)
+    if failed is not None:
+        return failed
+    text, last = "".join(chunk.text for chunk in chunks), chunks[-1] if chunks else None
+    logprobs = None
+    for chunk in chunks:
+        if chunk.logprobs is not None:
+            logprobs = logprobs or {"content": [], "refusal": None}
+            logprobs["content"] += _openai_logprobs(chunk)["content"]
     prompt_tokens = getattr(last, "prompt_tokens", 0) if last else 0
     completion_tokens = getattr(last, "completion_tokens", 0) if last else 0
     message, finish = {"role": "assistant", "content": text}, _finish(last) if last else "stop"
