@@ -95,6 +95,7 @@ class BatchScheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._running = False
+        self._thread: threading.Thread | None = None
         self.steps = 0  # batched decode forwards
         self.prefills = 0  # prefill forwards (a group of prompts, or one chunk of one prompt)
 
@@ -116,7 +117,8 @@ class BatchScheduler:
             self._pending.append(request)
             if not self._running:
                 self._running = True
-                threading.Thread(target=self._loop, name="decode-loop", daemon=True).start()
+                self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
+                self._thread.start()
             self._wake.notify()
         finished = False
         try:
@@ -131,6 +133,14 @@ class BatchScheduler:
         finally:
             if not finished:  # the consumer went away: stop computing for it
                 cancel.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait for the decode loop's thread to exit (it holds the model and the batch's KV while it runs,
+        a moment past the last chunk it hands out); False if it still runs after `timeout` seconds."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
 
     def forget(self, session_key: str) -> None:
         if self.prefix:

@@ -70,6 +70,9 @@ def check_prompt(prompt_len: int, context_length: int) -> None:
                             f"{context_length} tokens, which leaves no room for a reply")
 
 
+LOOP_EXIT_S = 5.0  # how long the end of a stream waits for its decode loop to let go of the model
+
+
 def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
                     cancel: threading.Event | None = None, on_done=None) -> Iterator[Chunk]:
     """Generate a reply to `prompt_ids` with the loaded model `lm`, one `Chunk` per new text.
@@ -81,5 +84,8 @@ def stream_generate(lm, prompt_ids: list[int], params: GenerationParams,
     from .batcher import BatchScheduler
 
     scheduler = BatchScheduler(lm, max_batch=1, prefix_cache_bytes=0)
-    yield from scheduler.stream(prompt_ids, params, cancel if cancel is not None else threading.Event(),
-                                on_done=on_done)
+    try:
+        yield from scheduler.stream(prompt_ids, params, cancel if cancel is not None else threading.Event(),
+                                    on_done=on_done)
+    finally:  # its loop holds the model: once the caller has the reply, unloading it must free it
+        scheduler.wait_idle(timeout=LOOP_EXIT_S)

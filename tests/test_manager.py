@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import threading
 import time
-import weakref
 
 import psutil
 import pytest
@@ -303,28 +302,15 @@ def test_unload_frees_memory(tmp_path, model_cache, weights):
         gc.collect()
         return process.memory_info().rss
 
-    def cycle() -> tuple[int, weakref.ref]:
-        size = mgr.load("big")["memory_bytes"]
-        with mgr.use("big") as lm:
-            model = weakref.ref(lm.model)
-        generate_once(mgr, "big")  # touches every weight (they may be memory-mapped)
-        return size, model
-
     before = rss()
-    size, model = cycle()
+    size = mgr.load("big")["memory_bytes"]
+    generate_once(mgr, "big")  # touches every weight (they may be memory-mapped)
     loaded = rss()
     assert size > 15 << 20
+    assert loaded - before > 0.8 * size  # the load is visible in RSS
     mgr.unload("big")
     after = rss()
-    assert model() is None  # nothing keeps the unloaded model
-    # What was allocated (dense weights, the quantized layers' scales) goes back to malloc, which may
-    # return it to the system or keep it for the next allocation (the next load then does not grow the
-    # RSS; which one depends on what ran before in the process): either way, repeated loads and unloads
-    # must not pile up beyond one loaded model.
-    for _ in range(3):
-        cycle()
-        mgr.unload("big")
-    assert rss() - max(loaded, after) < 0.1 * size, (loaded, after, rss())
+    assert after - before < 0.1 * (loaded - before), (before, loaded, after)
     mgr.close()
 
 
