@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -180,6 +182,17 @@ def test_cancelled_before_start(models):
     cancel.set()
     chunks, text, last = run(lm, prompt_of(lm), GREEDY, cancel)
     assert (len(chunks), text, last.finish_reason, last.completion_tokens) == (1, "", "cancelled", 0)
+
+
+def test_a_finished_stream_no_longer_holds_the_model(tiny_models, model_cache):
+    """Once the caller has the last chunk, the decode loop has let go of the model: an unload right after a
+    reply frees it (the loop's thread used to hold it a moment longer)."""
+    lm = load_model(tiny_models["gemma3"], model_cache, LoadOptions(dtype="float32", kernels="torch"))
+    model = weakref.ref(lm.model)
+    run(lm, prompt_of(lm), GREEDY)
+    del lm
+    gc.collect()
+    assert model() is None
 
 
 def test_prompt_too_long(models):
