@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models import gguf_file
+from models.convert import build_tokenizer, save_tokenizer
 from models.gguf_file import read_header
 from models.loader import LoadOptions, checkpoint_dir, load_model, load_tokenizer, token_lookup
 from models.spm_tokenizer import MODEL_FILE, AddedTokens, SentencePieceTokenizer, applies_to, build_model
@@ -103,7 +104,7 @@ def test_a_folder_converted_before_gets_the_sentencepiece_model_on_its_next_load
     ids = first.render_chat([{"role": "user", "content": "Hello there"}])
     folder = checkpoint_dir(tmp_path, gguf, torch.float32, "quantized")
     (folder / MODEL_FILE).unlink()  # what a cache written before this tokenizer holds: tokenizer.json only
-    (folder / "tokenizer.json").write_text(transformers_tokenizer(gguf).backend_tokenizer.to_str())
+    save_tokenizer(*build_tokenizer(read_header(gguf)), folder)
     assert not isinstance(load_tokenizer(folder), SentencePieceTokenizer)
     again = load_model(gguf, tmp_path, options)
     assert (folder / MODEL_FILE).is_file() and isinstance(again.tokenizer, SentencePieceTokenizer)

@@ -1,19 +1,17 @@
-"""transformers' own tokenizer for a GGUF file (built as `tokenizer.json` by models/convert.py), the
-reference models/spm_tokenizer.py must agree with."""
+"""transformers' own tokenizer for a GGUF file, the reference models/spm_tokenizer.py must agree with:
+`tokenizer.json` as models/convert.py builds it for other families, loaded by the app's own loader."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from models.convert import build_tokenizer
+from models.convert import build_tokenizer, save_tokenizer
 from models.gguf_file import read_header
+from models.loader import load_tokenizer
 
 
 def transformers_tokenizer(gguf_path: Path):
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    text, config = build_tokenizer(read_header(gguf_path))
-    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token")
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text),
-                                   **{k: config[k] for k in keys if config.get(k) is not None})
+    with tempfile.TemporaryDirectory(prefix="tokenizer-reference-") as folder:
+        save_tokenizer(*build_tokenizer(read_header(gguf_path)), Path(folder))
+        return load_tokenizer(Path(folder))  # read whole into the Rust backend: the folder may go
