@@ -185,7 +185,7 @@ class BatchScheduler:
             return _Prefill(request)
         reused, layers = self.prefix.take(request.session_key, request.prompt_ids)
         request.reused = reused
-        return _Prefill(request, kv.cache_from_layers(layers), reused) if layers else _Prefill(request)
+        return _Prefill(request, kv.cache_from_layers(layers, self.lm.model), reused) if layers else _Prefill(request)
 
     def _prefill_some(self, batch, rows, feeding: list[_Prefill]):
         """About `prefill_chunk` tokens of prompt work: new short prompts together, else one chunk."""
@@ -226,7 +226,7 @@ class BatchScheduler:
             ids[row, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[row, length - len(prompt):] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = kv.new_cache()
+        cache = kv.new_cache(self.lm.model)
         with torch.inference_mode():
             out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                 use_cache=True, logits_to_keep=1)
@@ -250,7 +250,7 @@ class BatchScheduler:
         device = self.lm.device
         ids = torch.tensor([prompt[item.fed:end]], dtype=torch.long, device=device)
         positions = torch.arange(item.fed, end, device=device).unsqueeze(0)
-        item.cache = item.cache if item.cache is not None else kv.new_cache()
+        item.cache = item.cache if item.cache is not None else kv.new_cache(self.lm.model)
         with torch.inference_mode():
             item.logits = self.lm.model(input_ids=ids, cache=item.cache, position_ids=positions, use_cache=True,
                                         logits_to_keep=1).logits[0, -1]

@@ -1,7 +1,7 @@
 """KV-cache surgery for continuous batching: rows of different lengths share one left-padded cache.
 
-Every layer is kept whole (a plain `DynamicLayer`, sliding-window layers included: the model's own
-masks still apply the window), so rows can be padded, joined and split by simple tensor ops. A row's
+Every layer is kept whole (a `GrowingLayer`, sliding-window layers included: the model's own masks
+still apply the window), so rows can be padded, joined and split by simple tensor ops. A row's
 padding is marked 0 in the batch's 2-D attention mask; its positions are counted without padding.
 """
 
@@ -16,66 +16,65 @@ import torch.nn.functional as F
 GROW_TOKENS = 256  # spare room a layer's buffers get when they grow: one copy per 256 tokens, not per token
 
 
-def _growing_layer_class():
-    """`GrowingLayer`, defined on first use (transformers is imported lazily)."""
-    global _GrowingLayer
-    if _GrowingLayer is None:
-        from transformers.cache_utils import DynamicLayer
+class GrowingLayer:
+    """One layer's keys and values, as views of buffers with spare room.
 
-        class GrowingLayer(DynamicLayer):
-            """A full-attention cache layer whose keys and values are views of buffers with spare room.
+    transformers' `DynamicLayer` concatenates every step, copying the whole cache (at 2,000 tokens of
+    history, ~70 MB a step for Gemma 3 270M); here a step copies only its new tokens, and the buffers
+    are reallocated once every `GROW_TOKENS` tokens. Plain for our own models (models/cpu_model.py);
+    for transformers' models the same class is mixed into its `DynamicLayer` (`transformers_cache`).
+    """
 
-            transformers' `DynamicLayer` concatenates every step, copying the whole cache (at 2,000
-            tokens of history, ~70 MB a step for Gemma 3 270M); here a step copies only its new tokens,
-            and the buffers are reallocated once every `GROW_TOKENS` tokens.
-            """
+    keys = values = None
+    is_initialized = False
+    _key_buffer = _value_buffer = None
 
-            _key_buffer = _value_buffer = None
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states.new_empty(0)
+        self.values = value_states.new_empty(0)
+        self.is_initialized = True
 
-            def update(self, key_states, value_states, *args, **kwargs):
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
-                length = self.keys.shape[-2] if self.keys.numel() else 0
-                total = length + key_states.shape[-2]
-                if not self._owns_views(key_states, total):
-                    self._key_buffer = _grown(self.keys if length else None, key_states, total)
-                    self._value_buffer = _grown(self.values if length else None, value_states, total)
-                self._key_buffer[:, :, length:total] = key_states
-                self._value_buffer[:, :, length:total] = value_states
-                self.keys = self._key_buffer[:, :, :total]
-                self.values = self._value_buffer[:, :, :total]
-                return self.keys, self.values
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.numel() else 0
 
-            def reserve(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-                """Room for `new_tokens` more tokens that someone else writes into the buffers (the
-                native decode step): (key buffer, value buffer, current length). `advance` then
-                shows them."""
-                length = self.keys.shape[-2]
-                total = length + new_tokens
-                if not self._owns_views(self.keys, total):
-                    self._key_buffer = _grown(self.keys, self.keys[:, :, :0], total)
-                    self._value_buffer = _grown(self.values, self.values[:, :, :0], total)
-                    self.keys = self._key_buffer[:, :, :length]
-                    self.values = self._value_buffer[:, :, :length]
-                return self._key_buffer, self._value_buffer, length
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        total = length + key_states.shape[-2]
+        if not self._owns_views(key_states, total):
+            self._key_buffer = _grown(self.keys if length else None, key_states, total)
+            self._value_buffer = _grown(self.values if length else None, value_states, total)
+        self._key_buffer[:, :, length:total] = key_states
+        self._value_buffer[:, :, length:total] = value_states
+        self.keys = self._key_buffer[:, :, :total]
+        self.values = self._value_buffer[:, :, :total]
+        return self.keys, self.values
 
-            def advance(self, total: int) -> None:
-                self.keys = self._key_buffer[:, :, :total]
-                self.values = self._value_buffer[:, :, :total]
+    def reserve(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for `new_tokens` more tokens that someone else writes into the buffers (the native
+        decode step): (key buffer, value buffer, current length). `advance` then shows them."""
+        length = self.keys.shape[-2]
+        total = length + new_tokens
+        if not self._owns_views(self.keys, total):
+            self._key_buffer = _grown(self.keys, self.keys[:, :, :0], total)
+            self._value_buffer = _grown(self.values, self.values[:, :, :0], total)
+            self.keys = self._key_buffer[:, :, :length]
+            self.values = self._value_buffer[:, :, :length]
+        return self._key_buffer, self._value_buffer, length
 
-            def _owns_views(self, states, total: int) -> bool:
-                """Whether keys/values are still views of our buffers (nobody replaced them) with room."""
-                buffer = self._key_buffer
-                return (buffer is not None and buffer.shape[-2] >= total and self.keys.numel() > 0
-                        and self.keys.data_ptr() == buffer.data_ptr() and self.values.data_ptr()
-                        == self._value_buffer.data_ptr() and buffer.shape[:2] == states.shape[:2]
-                        and buffer.shape[-1] == states.shape[-1] and buffer.dtype == states.dtype)
+    def advance(self, total: int) -> None:
+        self.keys = self._key_buffer[:, :, :total]
+        self.values = self._value_buffer[:, :, :total]
 
-        _GrowingLayer = GrowingLayer
-    return _GrowingLayer
-
-
-_GrowingLayer = None
+    def _owns_views(self, states, total: int) -> bool:
+        """Whether keys/values are still views of our buffers (nobody replaced them) with room."""
+        buffer = self._key_buffer
+        return (buffer is not None and buffer.shape[-2] >= total and self.keys.numel() > 0
+                and self.keys.data_ptr() == buffer.data_ptr() and self.values.data_ptr()
+                == self._value_buffer.data_ptr() and buffer.shape[:2] == states.shape[:2]
+                and buffer.shape[-1] == states.shape[-1] and buffer.dtype == states.dtype)
 
 
 def _grown(current: torch.Tensor | None, states: torch.Tensor, total: int) -> torch.Tensor:
@@ -87,17 +86,52 @@ def _grown(current: torch.Tensor | None, states: torch.Tensor, total: int) -> to
     return buffer
 
 
-def new_cache():
-    """An empty cache of full-attention layers that grow without copying the whole cache each step."""
+class KVCache:
+    """The cache of our own models (models/cpu_model.py): one `GrowingLayer` per layer, made on first use."""
+
+    def __init__(self):
+        self.layers: list[GrowingLayer] = []
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, index: int):
+        while len(self.layers) <= index:
+            self.layers.append(GrowingLayer())
+        return self.layers[index].update(keys, values)
+
+    def get_seq_length(self, index: int = 0) -> int:
+        return self.layers[index].get_seq_length() if index < len(self.layers) else 0
+
+
+def new_cache(owner=None):
+    """An empty cache for `owner` (a model, or a cache of the kind wanted): our `KVCache` for our own
+    models (`plain_cache`) and by default, transformers' `DynamicCache` of growing layers for its models."""
+    if owner is None or isinstance(owner, KVCache) or getattr(owner, "plain_cache", False):
+        return KVCache()
+    return transformers_cache()
+
+
+_TRANSFORMERS_LAYER = None
+
+
+def transformers_cache():
+    """transformers' `DynamicCache` whose layers are `GrowingLayer`s (transformers imported on first use)."""
+    global _TRANSFORMERS_LAYER
     from transformers import DynamicCache
 
+    if _TRANSFORMERS_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class TransformersGrowingLayer(GrowingLayer, DynamicLayer):
+            pass
+
+        _TRANSFORMERS_LAYER = TransformersGrowingLayer
     cache = DynamicCache()
-    cache.layer_class_to_replicate = _growing_layer_class()
+    cache.layer_class_to_replicate = _TRANSFORMERS_LAYER
     return cache
 
 
-def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    cache = new_cache()
+def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], owner=None):
+    """A cache of `owner`'s kind (see `new_cache`) holding `layers`."""
+    cache = new_cache(owner)
     for index, (keys, values) in enumerate(layers):
         cache.update(keys, values, index)
     return cache
@@ -146,7 +180,7 @@ def join(batch: Batch | None, other: Batch) -> Batch:
         v = torch.cat([_pad_left(v1, length - v1.shape[-2], 2), _pad_left(v2, length - v2.shape[-2], 2)])
         layers.append((k, v))
     mask = torch.cat([_pad_left(batch.mask, length - batch.length, 1), _pad_left(other.mask, length - other.length, 1)])
-    return Batch(cache_from_layers(layers), mask)
+    return Batch(cache_from_layers(layers, batch.cache), mask)
 
 
 def zero_padding(batch: Batch) -> Batch:
@@ -173,7 +207,7 @@ def select(batch: Batch, keep: list[int]) -> Batch | None:
     start = int((mask.sum(0) > 0).nonzero()[0]) if mask.any() else 0
     layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
               for k, v in cache_layers(batch.cache)]
-    return Batch(cache_from_layers(layers), mask[:, start:].contiguous())
+    return Batch(cache_from_layers(layers, batch.cache), mask[:, start:].contiguous())
 
 
 def row_layers(batch: Batch, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

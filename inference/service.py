@@ -18,7 +18,7 @@ from typing import Iterator
 
 from models.catalog import Catalog, ModelSpec, assemble_default_model, parse_remote_option, slug
 from models.download import DownloadError, ensure_local, hub_unreachable, is_offline
-from models.loader import LoadOptions, import_model_code
+from models.loader import LoadOptions, import_model_code, prepare_kernels
 from models.manager import ModelError, ModelManager
 from parsers import ParseError, ParseLimits, describe_supported, is_supported
 from parsers.pool import ParsePool
@@ -82,7 +82,8 @@ class ChatService:
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Get ready to serve: bundled model, interrupted uploads, model code, timers, preload."""
+        """Get ready to serve: kernels, bundled model, interrupted uploads, model code, timers, preload."""
+        prepare_kernels(self.config.cache_dir, self.manager.options)
         try:
             assemble_default_model(self.config.models_dir)
         except Exception as error:  # the app still serves other models and sessions
@@ -91,7 +92,7 @@ class ChatService:
         if recovered:
             log.warning("%d upload(s) were interrupted by a restart and are marked as failed", recovered)
         self.manager.start_idle_timer()
-        log.info("imported the model code in %.1f s", import_model_code())
+        log.info("imported the model code in %.1f s", import_model_code(self.manager.options))
         if self.config.preload:
             threading.Thread(target=self._preload, name="preload", daemon=True).start()
 

@@ -233,15 +233,13 @@ def _modules(module, prefix: str = ""):
 def plan_weights(header: GGUFHeader, config, dtype: torch.dtype) -> WeightPlan:
     """Which GGUF tensor fills which parameter, with what shape, at which offset of the file.
 
-    Shapes come from the model transformers would build, on the meta device (no memory).
+    Shapes come from the model's module tree on the meta device (no memory, see `model_skeleton`).
     """
-    from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"cannot write {dtype} weights; use one of {', '.join(map(str, SAFETENSORS_DTYPES))}")
-    with MODEL_BUILD_LOCK, torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton = model_skeleton(config)
     config_dict = config.to_dict()
     processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config_dict)
     name_map = gguf_name_map(skeleton, processor, header.architecture)
@@ -264,6 +262,21 @@ def plan_weights(header: GGUFHeader, config, dtype: torch.dtype) -> WeightPlan:
         plan.slots.append(WeightSlot(name, info, shape, offset, offset + size, fix_up))
         offset += size
     return plan
+
+
+def model_skeleton(config, own_code: bool = True):
+    """The model of transformers' `config` on the meta device, for its parameter names and shapes: our
+    own (models/cpu_model.py, same names) where it covers the config, which spares a first conversion
+    importing transformers' model code (~5 s here); transformers' model otherwise, or with `own_code=False`."""
+    from .cpu_model import ModelConfig, build_model
+
+    skeleton = build_model(ModelConfig(config.to_dict())) if own_code else None
+    if skeleton is None:
+        from transformers import AutoModelForCausalLM
+
+        with MODEL_BUILD_LOCK, torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    return skeleton
 
 
 def _needs_fix_up(plan: WeightPlan, info: TensorInfo) -> bool:
@@ -464,7 +477,8 @@ def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
     The folder appears complete or not at all: it is written beside its final name and renamed.
     """
     # Import on this thread first: transformers' lazy module is not safe to import from two at once.
-    import transformers.integrations.gguf.gguf_tokenizer_mapping  # noqa: F401
+    if not spm_tokenizer.applies_to(header):  # (our own Gemma tokenizer needs none of it: ~1.3 s)
+        import transformers.integrations.gguf.gguf_tokenizer_mapping  # noqa: F401
     import transformers.modeling_gguf_pytorch_utils  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 

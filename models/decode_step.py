@@ -13,7 +13,8 @@ stack goes further still: one C call a step (native/layers.c, `NativeLayers`), w
 buffers, masks and windows; the loop below stays the path for everything else (other dtypes, wide
 batches, layers some product of which the kernels cannot read).
 
-Covered: the architectures the converter supports (llama, qwen2, gemma3) as transformers builds them;
+Covered: the architectures the converter supports (llama, qwen2, gemma3), built by our own model code
+(models/cpu_model.py, the default for quantized weights) or by transformers (same module layout);
 `make_decode_step` returns None for anything else (e.g. attention logit soft-capping), and callers
 then use the model's own forward.
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .cpu_model import rotate
 
 NATIVE_MAX_ROWS = 32  # the AVX2 kernels serve inputs of fewer rows (models/qlinear.py's WIDE_ROWS)
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1}  # native/layers.c's `act`
@@ -83,7 +86,7 @@ class DecodeStep:
         v = attention.v_proj(h).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.gemma:
             q, k = attention.q_norm(q), attention.k_norm(k)
-        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+        q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
         keys, values = cache.update(k, v, index)
         if window is not None and attention_mask is None and keys.shape[-2] > window:
             keys, values = keys[:, :, -window:], values[:, :, -window:]  # unpadded: the last `window` tokens
@@ -243,13 +246,6 @@ class NativeLayers:
 
 class _Unsupported(Exception):
     pass
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [rows, heads, 1, dim] with cos/sin [rows, 1, dim] (rotate-half form)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def make_decode_step(model) -> DecodeStep | None:

@@ -206,22 +206,27 @@ def pick_weights(device: torch.device, options: LoadOptions) -> str:
     return options.weights
 
 
-def import_model_code() -> float:
-    """Import transformers' model code for every supported architecture; return the seconds it took.
+def import_model_code(options: LoadOptions = LoadOptions()) -> float:
+    """Import the model code loads with `options` use; return the seconds it took.
 
-    The first model load in a process otherwise pays seconds here (transformers' modeling modules pull
-    in torch.distributed, sympy and dynamo). The app does it once at start, so loading a model
-    while the app runs costs only the header, the weights and the tokenizer.
+    Quantized CPU weights run on our own model code (models/cpu_model.py, imported in milliseconds).
+    Dense weights (CUDA, or `weights="dense"`) run on transformers' model code, whose first import
+    otherwise costs the first model load seconds (its modeling modules pull in torch.distributed,
+    sympy and dynamo): the app imports it once at start, so loading a model while the app runs costs
+    only the header, the weights and the tokenizer.
     """
     import importlib
 
     from .convert import SUPPORTED_ARCHITECTURES
 
     started = time.perf_counter()
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+    from . import cpu_model  # noqa: F401
 
-    for architecture in SUPPORTED_ARCHITECTURES:
-        importlib.import_module(f"transformers.models.{architecture}.modeling_{architecture}")
+    if pick_weights(pick_device(options.device), options) == "dense":
+        from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+
+        for architecture in SUPPORTED_ARCHITECTURES:
+            importlib.import_module(f"transformers.models.{architecture}.modeling_{architecture}")
     return time.perf_counter() - started
 
 
@@ -291,6 +296,24 @@ def pick_kernels(cache_root: Path, options: LoadOptions):
     return kernels
 
 
+def prepare_kernels(cache_root: Path, options: LoadOptions) -> threading.Thread | None:
+    """Build (or load) the AVX2 kernels on a background thread where loads with `options` use quantized
+    weights: a first start runs the C compiler (~2 s of one core) while the app starts up, rather than
+    during the first conversion, which keeps both cores busy. Loads then find the kernels ready."""
+    if pick_weights(pick_device(options.device), options) != "quantized":
+        return None
+
+    def build() -> None:
+        try:
+            pick_kernels(cache_root, options)
+        except LoadError:  # the load that needs them says why
+            pass
+
+    thread = threading.Thread(target=build, name="kernel-build", daemon=True)
+    thread.start()
+    return thread
+
+
 def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype, weights: str,
                        progress: ProgressFn | None = None) -> Path:
     """The cached checkpoint folder of `header`'s file, converted first if missing or damaged."""
@@ -323,13 +346,15 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
     device = pick_device(options.device)
     weights = pick_weights(device, options)
     dtype = pick_dtype(device, options.dtype) if weights == "dense" else activation_dtype(options.dtype)
-    folder = prepare_checkpoint(header, cache_root, dtype, weights, report)
-    report(0.9, "loading weights")
-    # transformers' lazy module is not safe to import from two threads at once: import first.
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
-
-    native = pick_kernels(cache_root, options) if weights == "quantized" else None
     with ThreadPoolExecutor(max_workers=1) as pool:
+        # the AVX2 kernels (compiled by a C compiler on a first start) build while the file converts
+        kernels = pool.submit(pick_kernels, cache_root, options) if weights == "quantized" else None
+        folder = prepare_checkpoint(header, cache_root, dtype, weights, report)
+        report(0.9, "loading weights")
+        if weights == "dense" or not (folder / spm_tokenizer.MODEL_FILE).is_file():
+            # transformers' lazy module is not safe to import from two threads at once: import first.
+            from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+        native = kernels.result() if kernels is not None else None
         tokenizer_future = pool.submit(load_tokenizer, folder)
         if weights == "quantized":
             model = load_quantized_model(folder, dtype, native=native)

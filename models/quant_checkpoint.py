@@ -229,7 +229,8 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | None = None, native=None):
+def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | None = None, native=None,
+                         own_code: bool = True):
     """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate.
 
     `shortlist`: project the output through `ShortlistHead` where the checkpoint has a coarse copy;
@@ -237,22 +238,32 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
     the table about twice as fast as its int8 one; the AVX2 kernel reads the int8 table faster than both,
     and a batch of rows pays the shortlist's per-row selection).
     `native`: the AVX2 int8 kernels (models/native_kernels.py) for the int8 layers' decode steps.
+    `own_code`: build our own model (models/cpu_model.py, no transformers import) where it covers the
+    config; False, or a config it does not cover: transformers' model class.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
+    from .cpu_model import ModelConfig, build_model
     from .qlinear import install_quantized
 
-    config = AutoConfig.from_pretrained(folder)
-    config.dtype = dtype
     tensors = map_safetensors(folder / "model.safetensors")
-    # no_init_weights: drawing random values for empty (meta) weights that are replaced anyway costs ~0.4 s
-    with MODEL_BUILD_LOCK, init_empty_weights(include_buffers=False), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = build_model(ModelConfig.from_folder(folder)) if own_code else None
+    if model is None:
+        model = _transformers_model(folder, dtype)
     if shortlist is None:
         from .cpu_matmul import cpu_has_native_bf16
 
         shortlist = native is None and not cpu_has_native_bf16()
     install_quantized(model, tensors, dtype, shortlist=shortlist, native=native)
     return model.eval()
+
+
+def _transformers_model(folder: Path, dtype: torch.dtype):
+    """transformers' model class for the checkpoint in `folder`, its weights on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    config.dtype = dtype
+    # no_init_weights: drawing random values for empty (meta) weights that are replaced anyway costs ~0.4 s
+    with MODEL_BUILD_LOCK, init_empty_weights(include_buffers=False), no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat_template import render_chat
+
 MODEL_FILE = "tokenizer.model"  # the SentencePiece ModelProto
 CONFIG_FILE = "tokenizer_config.json"
 SPACE = "\u2581"
@@ -235,17 +237,15 @@ class SentencePieceTokenizer:
     # chats
     def apply_chat_template(self, conversation: list[dict], chat_template: str | None = None, tools=None,
                             add_generation_prompt: bool = False, tokenize: bool = False, **kwargs):
-        """The chat rendered by transformers' Jinja renderer, with the same variables its tokenizers pass."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
+        """The chat rendered as transformers' tokenizers render it (models/chat_template.py), with the
+        same variables they pass."""
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template")
         messages = [{key: value for key, value in message.items() if value is not None} for message in conversation]
-        rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=template,
-                                            add_generation_prompt=add_generation_prompt,
-                                            **{**self.special_tokens_map, **kwargs})
-        return self.encode(rendered[0], add_special_tokens=False) if tokenize else rendered[0]
+        rendered = render_chat(template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               **{**self.special_tokens_map, **kwargs})
+        return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
 
 
 def _decode_run(run: bytearray) -> str:

@@ -45,7 +45,7 @@ def prefill(lm, rows: list[list[int]]):
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     caches = []
     for _ in range(2):
-        cache = kv.new_cache()
+        cache = kv.new_cache(lm.model)
         lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                  logits_to_keep=1)
         caches.append(kv.zero_padding(kv.Batch(cache, mask)).cache)
@@ -130,8 +130,8 @@ def test_dense_models_and_other_weights_use_the_models_forward(models, tmp_path,
     other = dataclasses.replace(lm, model=load_model(dense_path, model_cache, LoadOptions(weights="dense")).model)
     tokens, positions = torch.tensor([[1]]), torch.tensor([[0]])
     with torch.inference_mode():  # the step belongs to the old weights: not used for the new ones
-        want = other.model(input_ids=tokens, position_ids=positions, cache=kv.new_cache()).logits[:, -1]
-        assert torch.equal(other.decode(tokens, positions, kv.new_cache()), want)
+        want = other.model(input_ids=tokens, position_ids=positions, cache=kv.new_cache(other.model)).logits[:, -1]
+        assert torch.equal(other.decode(tokens, positions, kv.new_cache(other.model)), want)
 
 
 needs_native = pytest.mark.skipif(not native_kernels.cpu_has_avx2() or not shutil.which("cc"),

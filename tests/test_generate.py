@@ -153,8 +153,26 @@ def test_stop_string_never_seen_releases_everything(models):
     assert last.finish_reason == "length"
 
 
+class SlowModel(torch.nn.Module):
+    """`model` whose every forward takes 20 ms more (sleeping, the GIL released): a cancel set from
+    another thread lands during a step, as it does with a real model; with a tiny model's 2 ms steps
+    the decode loop could run several steps before the other thread even gets the GIL."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+        self.plain_cache = getattr(model, "plain_cache", False)
+
+    def forward(self, **kwargs):
+        import time
+
+        time.sleep(0.02)
+        return self.inner(**kwargs)
+
+
 def test_cancel_from_another_thread_stops_within_one_token(models):
-    lm = models["llama"]
+    lm = dataclasses.replace(models["llama"], runtime={})
+    lm.model = SlowModel(lm.model)
     cancel, first_seen = threading.Event(), threading.Event()
 
     def canceller():

@@ -32,19 +32,19 @@ def test_growing_cache_matches_the_concatenating_one(gemma):
     prompt = gemma.encode("The quick brown fox jumps over the lazy dog.")
     steps = kv.GROW_TOKENS + 20  # crosses a growth of the buffers
     want_tokens, want = greedy(gemma, DynamicCache(), prompt, steps)
-    cache = kv.new_cache()
+    cache = kv.new_cache(gemma.model)
     got_tokens, got = greedy(gemma, cache, prompt, steps)
     assert got_tokens == want_tokens
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     layer = cache.layers[0]
-    assert type(layer).__name__ == "GrowingLayer"
+    assert isinstance(layer, kv.GrowingLayer)
     assert layer.keys.shape[-2] == len(prompt) + steps - 1
     assert layer.keys.data_ptr() == layer._key_buffer.data_ptr()  # a view, not a copy
     assert layer._key_buffer.shape[-2] % kv.GROW_TOKENS == 0
 
 
 def test_a_step_copies_only_the_new_token(gemma):
-    cache = kv.new_cache()
+    cache = kv.new_cache(gemma.model)
     prompt = gemma.encode("hello there")
     greedy(gemma, cache, prompt, 3)
     buffer = cache.layers[0]._key_buffer
@@ -54,7 +54,7 @@ def test_a_step_copies_only_the_new_token(gemma):
 
 def test_replaced_keys_are_taken_over(gemma):
     """Code that assigns a layer's keys (transformers' own cache surgery) is not overwritten."""
-    cache = kv.new_cache()
+    cache = kv.new_cache(gemma.model)
     greedy(gemma, cache, gemma.encode("one two three"), 2)
     layer = cache.layers[0]
     layer.keys, layer.values = layer.keys[:, :, :2].clone(), layer.values[:, :, :2].clone()

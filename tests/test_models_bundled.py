@@ -112,7 +112,7 @@ def chunked_nll(lm, ids: list[int], chunk: int = 16) -> float:
     inputs the AVX2 kernel serves (a single forward over the whole text takes the prefill path)."""
     from inference import kv
 
-    cache, logits = kv.new_cache(), []
+    cache, logits = kv.new_cache(lm.model), []
     with torch.inference_mode():
         for start in range(0, len(ids), chunk):
             piece = torch.tensor([ids[start:start + chunk]], device=lm.device)
@@ -154,7 +154,7 @@ def test_the_native_decode_step_keeps_the_quality_of_the_exact_path(bundled_mode
     native = load_model(bundled_model, model_cache, LoadOptions(kernels="native"))
     assert native.decode_step is not None and native.decode_step.native is not None
     ids, exact, _ = exact_nll
-    cache, logits = kv.new_cache(), []
+    cache, logits = kv.new_cache(native.model), []
     with torch.inference_mode():
         first = native.model(input_ids=torch.tensor([ids[:1]]), cache=cache, use_cache=True).logits[0]
         logits.append(first[-1:])

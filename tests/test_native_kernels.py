@@ -177,7 +177,7 @@ def test_loader_native_and_torch_kernels_agree(tiny, model_cache):
 
         logits = {}
         for name, lm in (("native", native), ("torch", torch_kernels)):
-            cache, rows = kv.new_cache(), []
+            cache, rows = kv.new_cache(lm.model), []
             for position, token in enumerate(ids):
                 out = lm.model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True,
                                position_ids=torch.tensor([[position]]))

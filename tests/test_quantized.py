@@ -193,6 +193,14 @@ def test_int4_packing_composes_by_blocks_of_64_rows():
     assert torch.equal(whole, pieces)
 
 
+@pytest.mark.parametrize("rows", [16, 48, 64, 80, 320, 384])
+def test_int4_packing_is_torchs_own(rows):
+    """`pack_int4` packs whole 64-row blocks in numpy where that gives torch's layout: byte for byte
+    what torch's packing gives, whatever the rows left over."""
+    q = torch.from_numpy(RNG.integers(0, 16, size=(rows, 640), dtype=np.uint8))
+    assert torch.equal(pack_int4(q), torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+
+
 def test_round_int4_stays_within_half_a_step():
     weights = (RNG.standard_normal((16, 64)) * 0.05).astype(np.float32)
     rounded = round_int4(weights)

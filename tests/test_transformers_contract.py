@@ -148,17 +148,17 @@ def test_the_cache_still_builds_its_layers_from_the_class_we_give_it():
     """inference/kv.py sets DynamicCache.layer_class_to_replicate and overrides DynamicLayer.update."""
     from transformers.cache_utils import DynamicLayer
 
-    from inference.kv import new_cache
+    from inference.kv import GrowingLayer, transformers_cache
 
-    user = "inference/kv.py new_cache / GrowingLayer"
+    user = "inference/kv.py transformers_cache / GrowingLayer"
     layer = DynamicLayer()
     for attribute in ("is_initialized", "lazy_initialization", "update"):
         assert hasattr(layer, attribute), (
             f"DynamicLayer has no {attribute!r} now: " + UPGRADE.format(version=version(), user=user))
-    cache = new_cache()
+    cache = transformers_cache()
     keys = torch.randn(1, 2, 3, 4)
     out_keys, _ = cache.update(keys, keys.clone(), 0)
-    assert type(cache.layers[0]).__name__ == "GrowingLayer", (
+    assert isinstance(cache.layers[0], GrowingLayer), (
         "DynamicCache no longer builds its layers from layer_class_to_replicate: "
         + UPGRADE.format(version=version(), user=user))
     assert torch.equal(out_keys, keys)
