@@ -11,6 +11,7 @@ prefix) chunk by chunk on its own cache.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
@@ -22,6 +23,12 @@ from .generate import Chunk
 from .params import GenerationParams
 from .request import Request
 from .sampling import sample_next
+
+
+# An idle loop given a request waits this long for another to arrive before prefilling, and again after
+# each arrival, up to GATHER_MAX_S in all (`BatchScheduler._gather`); a lone request pays GATHER_S once.
+GATHER_S = 0.01
+GATHER_MAX_S = 0.05
 
 
 class PrefixCache:
@@ -86,9 +93,11 @@ class _Prefill:
 class BatchScheduler:
     """The decode loop of one loaded model. Its thread runs while there is work and exits when idle."""
 
-    def __init__(self, lm, max_batch: int = 8, prefix_cache_bytes: int = 256 * 2**20, prefill_chunk: int = 512):
+    def __init__(self, lm, max_batch: int = 8, prefix_cache_bytes: int = 256 * 2**20, prefill_chunk: int = 512,
+                 gather_s: float | None = None):
         self.lm = lm
         self.max_batch = max_batch
+        self.gather_s = (GATHER_S if gather_s is None else gather_s) if max_batch > 1 else 0.0
         self.prefill_chunk = prefill_chunk  # prompt tokens fed between two decode steps, at most
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._pending: list[Request] = []
@@ -154,6 +163,8 @@ class BatchScheduler:
         try:
             while True:
                 with self._lock:
+                    if not rows and not feeding:
+                        self._gather()
                     room = self.max_batch - len(rows) - len(feeding)
                     taken, self._pending = self._pending[:room], self._pending[room:]
                     if not taken and not rows and not feeding:
@@ -172,6 +183,18 @@ class BatchScheduler:
             for request in orphans:
                 if not request.finished:
                     request.fail(error)
+
+    def _gather(self) -> None:
+        """With nothing running, wait while requests keep arriving (each within `gather_s` of the last,
+        `GATHER_MAX_S` at most) before prefilling: clients that start together then share one prefill,
+        instead of the first being prefilled alone while the rest wait for it. Holds the lock (waiting
+        releases it)."""
+        deadline = time.monotonic() + GATHER_MAX_S
+        while 0 < len(self._pending) < self.max_batch and self.gather_s:
+            seen = len(self._pending)
+            self._wake.wait(min(self.gather_s, deadline - time.monotonic()))
+            if len(self._pending) == seen or time.monotonic() >= deadline:
+                return
 
     def _dropped(self, request: Request) -> bool:
         if request.cancel.is_set():

@@ -102,6 +102,28 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward(lm):
     assert scheduler.prefills == 1
 
 
+def test_requests_arriving_a_few_ms_apart_at_an_idle_loop_share_one_prefill(lm):
+    """The idle loop waits for arrivals (`gather_s` after each, `GATHER_MAX_S` in all) before prefilling;
+    without the wait the first request is prefilled alone and the rest after it."""
+    prompts = PROMPTS[:4]
+    expected = {p: single(lm, p) for p in prompts}
+    gathering = BatchScheduler(lm, max_batch=8, gather_s=0.05)
+    assert run_concurrently(gathering, lm, prompts, stagger_s=0.005) == expected
+    assert gathering.prefills == 1
+    alone = BatchScheduler(lm, max_batch=8, gather_s=0.0)
+    assert run_concurrently(alone, lm, prompts, stagger_s=0.03) == expected
+    assert alone.prefills > 1
+
+
+def test_a_lone_request_waits_at_most_the_gather_cap(lm):
+    scheduler = BatchScheduler(lm, max_batch=8, gather_s=5.0)  # a window far longer than the cap
+    started = time.monotonic()
+    text = "".join(c.text for c in scheduler.stream(lm.encode(PROMPTS[0]), GREEDY, threading.Event()))
+    assert text == single(lm, PROMPTS[0])
+    assert time.monotonic() - started < 2.0  # GATHER_MAX_S (50 ms) plus the reply, not 5 s
+    assert BatchScheduler(lm, max_batch=1).gather_s == 0  # a batch of one has nobody to wait for
+
+
 def test_prompts_of_very_different_lengths_are_not_padded_together(lm):
     short, long = PROMPTS[0], "word " * 200
     expected = {p: single(lm, p) for p in (short, long)}
