@@ -94,11 +94,15 @@ static inline void dot_rows4(const int8_t *w, const int8_t *q, int64_t k, const 
   for (int i = 0; i < 4; i++) out[i] = sum8(acc[i]);
 }
 
+/* Output rows are shared out `schedule(guided)`: on a busy machine (the app's server threads and clients
+ * share its cores) a thread that is preempted leaves its rows to the others instead of holding up the
+ * product; static halves made an 8-row step ~9% slower under load and are no faster when idle. */
+
 /* y [m, n] = quantized rows (xq, xscale) times w [n, k] int8 with one float scale per row. */
 void q8_multiply(const int8_t *xq, const float *xscale, int64_t m, int64_t k, const int8_t *w, const float *wscale,
                  int64_t n, float *y, int threads) {
   int64_t blocks = k / BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(guided)
   for (int64_t r = 0; r < n; r++) {
     const int8_t *wr = w + r * k;
     int64_t i = 0;
@@ -215,7 +219,7 @@ static inline void dot_rows4_q4(const uint8_t *w, const uint16_t *sz, const int8
 void q4_multiply(const int8_t *xq, const float *xscale, const float *xsum, int64_t m, int64_t k, const uint8_t *w,
                  const uint16_t *sz, int64_t n, float *y, int threads) {
   int64_t blocks = k / BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(guided)
   for (int64_t r = 0; r < n; r++) {
     const uint8_t *wr = w + r * (k / 2);
     const uint16_t *szr = sz + r * blocks * 2;
@@ -256,7 +260,7 @@ void rms_norm(const float *x, const float *weight, float *y, int64_t rows, int64
  * int8-activation kernels (a prompt's prefill), which then run as one float matrix product. */
 void q4_dequantize(const uint8_t *w, const uint16_t *sz, int64_t n, int64_t k, float *out, int threads) {
   int64_t blocks = k / BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(guided)
   for (int64_t r = 0; r < n; r++) {
     for (int64_t b = 0; b < blocks; b++) {
       const uint8_t *wb = w + r * (k / 2) + b * (BLOCK / 2);
