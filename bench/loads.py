@@ -8,8 +8,9 @@ times for each phase and its own high-water mark (`VmHWM`, exact, unlike 20 ms p
     python bench/loads.py baseline GGUF_PATH           # plain transformers from_pretrained(gguf_file=...)
 
 Phases (all relative to `start`, after the imports):
-  start -> started (ChatService built and started: assembles the GGUF on a first start and imports
-           transformers' model code, as `python app.py` does before it serves)
+  start -> started (ChatService built and started, the catalog listed: assembles the GGUF on a first
+           start, imports the model code and reads the models' headers, as `python app.py` does before
+           it serves)
         -> loaded (weights and tokenizer ready) -> first_token (first text of a reply)
 then the child finishes a short reply, collects garbage, waits a second and reports steady memory.
 """
@@ -58,6 +59,7 @@ def _child_app(data_dir: str, model_id: str) -> None:
     service = ChatService(AppConfig(data_dir=Path(data_dir), preload=False, default_model=model_id,
                                     idle_unload_s=None))
     service.start()
+    service.list_models()  # app.py lists the catalog (its headers read) as it builds the model dropdown
     _emit("started", rss=_proc_status("VmRSS"))
     service.load_model(model_id)
     _emit("loaded")

@@ -209,7 +209,8 @@ def pick_weights(device: torch.device, options: LoadOptions) -> str:
 def import_model_code(options: LoadOptions = LoadOptions()) -> float:
     """Import the model code loads with `options` use; return the seconds it took.
 
-    Quantized CPU weights run on our own model code (models/cpu_model.py, imported in milliseconds).
+    Quantized CPU weights run on our own model code (models/cpu_model.py, imported in milliseconds);
+    chats render through Jinja (models/chat_template.py, ~0.1 s to import).
     Dense weights (CUDA, or `weights="dense"`) run on transformers' model code, whose first import
     otherwise costs the first model load seconds (its modeling modules pull in torch.distributed,
     sympy and dynamo): the app imports it once at start, so loading a model while the app runs costs
@@ -220,7 +221,9 @@ def import_model_code(options: LoadOptions = LoadOptions()) -> float:
     from .convert import SUPPORTED_ARCHITECTURES
 
     started = time.perf_counter()
-    from . import cpu_model  # noqa: F401
+    from . import chat_template, cpu_model  # noqa: F401
+
+    chat_template.prepare()
 
     if pick_weights(pick_device(options.device), options) == "dense":
         from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
