@@ -30,6 +30,7 @@ from torch import nn
 from .cpu_matmul import cpu_has_native_bf16
 
 GROUP = 32
+PACK_ROWS = 64  # rows torch's CPU int4 layout interleaves together
 KERNEL_DTYPE = torch.bfloat16  # what the int4/int8 kernels read: inputs, scales, outputs
 # int8 weights multiply inputs of this many rows or more (a prompt's prefill) dequantized, in the
 # activations' dtype: faster than the int8 kernel for prefill-sized inputs. Only for weights of at most
@@ -77,9 +78,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, torch._convert_weight_to_int4pack_for_cpu(q[whole:].to(torch.int32), 1)])
 
 
-PACK_ROWS = 64  # rows torch's CPU layout interleaves together
-
-
 def _pack_blocks(q: np.ndarray) -> np.ndarray:
     """torch's CPU int4 layout, for rows in whole blocks of 64: each block's two halves of 32 rows are
     stored one after the other, and within a half, for each input column, 16 bytes hold rows j (low
@@ -92,6 +90,7 @@ def _pack_blocks(q: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _numpy_packing_matches() -> bool:
+    """Whether `_pack_blocks` writes torch's layout on this machine (checked once, on random values)."""
     probe = torch.randint(0, 16, (2 * PACK_ROWS, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     expected = torch._convert_weight_to_int4pack_for_cpu(probe, 1).numpy()
     return expected.shape == (2 * PACK_ROWS, 32) and np.array_equal(_pack_blocks(probe.numpy().astype(np.uint8)),
