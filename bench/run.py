@@ -234,7 +234,7 @@ def measure_prefill(running) -> dict:
         for _ in range(2):
             began = time.perf_counter()
             with torch.inference_mode():
-                lm.model(input_ids=batch, cache=kv.new_cache(), use_cache=True, logits_to_keep=1)
+                lm.model(input_ids=batch, cache=kv.new_cache(lm.model), use_cache=True, logits_to_keep=1)
             times.append(time.perf_counter() - began)
     return {"tokens": len(ids), "seconds": round(min(times), 3), "tok_s": round(len(ids) / min(times), 1)}
 

@@ -94,10 +94,11 @@ class BatchScheduler:
     """The decode loop of one loaded model. Its thread runs while there is work and exits when idle."""
 
     def __init__(self, lm, max_batch: int = 8, prefix_cache_bytes: int = 256 * 2**20, prefill_chunk: int = 512,
-                 gather_s: float | None = None):
+                 gather_s: float | None = None, gather_max_s: float = GATHER_MAX_S):
         self.lm = lm
         self.max_batch = max_batch
         self.gather_s = (GATHER_S if gather_s is None else gather_s) if max_batch > 1 else 0.0
+        self.gather_max_s = gather_max_s
         self.prefill_chunk = prefill_chunk  # prompt tokens fed between two decode steps, at most
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._pending: list[Request] = []
@@ -186,10 +187,10 @@ class BatchScheduler:
 
     def _gather(self) -> None:
         """With nothing running, wait while requests keep arriving (each within `gather_s` of the last,
-        `GATHER_MAX_S` at most) before prefilling: clients that start together then share one prefill,
+        `gather_max_s` in all) before prefilling: clients that start together then share one prefill,
         instead of the first being prefilled alone while the rest wait for it. Holds the lock (waiting
         releases it)."""
-        deadline = time.monotonic() + GATHER_MAX_S
+        deadline = time.monotonic() + self.gather_max_s
         while 0 < len(self._pending) < self.max_batch and self.gather_s:
             seen = len(self._pending)
             self._wake.wait(min(self.gather_s, deadline - time.monotonic()))

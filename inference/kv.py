@@ -101,9 +101,9 @@ class KVCache:
         return self.layers[index].get_seq_length() if index < len(self.layers) else 0
 
 
-def new_cache(owner=None):
+def new_cache(owner):
     """An empty cache for `owner` (a model, or a cache of the kind wanted): our `KVCache` for our own
-    models (`plain_cache`) and by default, transformers' `DynamicCache` of growing layers for its models."""
+    models (`plain_cache`; None also means ours), transformers' `DynamicCache` of growing layers for its models."""
     if owner is None or isinstance(owner, KVCache) or getattr(owner, "plain_cache", False):
         return KVCache()
     return transformers_cache()
@@ -115,6 +115,9 @@ _TRANSFORMERS_LAYER = None
 def transformers_cache():
     """transformers' `DynamicCache` whose layers are `GrowingLayer`s (transformers imported on first use)."""
     global _TRANSFORMERS_LAYER
+    from models.convert import import_transformers
+
+    import_transformers()
     from transformers import DynamicCache
 
     if _TRANSFORMERS_LAYER is None:
@@ -129,7 +132,7 @@ def transformers_cache():
     return cache
 
 
-def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], owner=None):
+def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], owner):
     """A cache of `owner`'s kind (see `new_cache`) holding `layers`."""
     cache = new_cache(owner)
     for index, (keys, values) in enumerate(layers):

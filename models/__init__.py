@@ -1,6 +1,7 @@
 """Models: the catalog, GGUF reading and conversion, loading, and the manager that owns them.
 
-Importing this package is cheap; torch and transformers load with `models.loader`/`models.manager`.
+Importing this package is cheap; torch loads with `models.loader`/`models.manager`, transformers only for
+what needs it (conversion, the dense path, other families' tokenizers: `convert.import_transformers`).
 """
 
 from .catalog import DEFAULT_MODEL_ID, Catalog, ModelSpec, RemoteEngine, assemble_default_model

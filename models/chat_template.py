@@ -18,12 +18,21 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 
+import numpy as np
+
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def render_chat(template: str, messages: list[dict], tools: list[dict] | None = None,
                 documents: list[dict] | None = None, add_generation_prompt: bool = False, **variables) -> str:
-    """`template` rendered for `messages` (dicts), with `variables` (bos_token, ...) visible to it."""
+    """`template` rendered for `messages` (dicts), with `variables` (bos_token, ...) visible to it.
+    Tools are JSON schemas (dicts); transformers' options for training masks and continued messages are
+    not supported here (refused rather than passed to the template as variables)."""
+    if tools is not None and not all(isinstance(tool, dict) for tool in tools):
+        raise TypeError("tools must be JSON schemas (dicts)")
+    for option in ("continue_final_message", "return_assistant_tokens_mask"):
+        if variables.get(option):
+            raise ValueError(f"{option} is not supported by this renderer")
     if documents is not None and not all(isinstance(document, dict) for document in documents):
         raise TypeError("documents must be dicts with 'title' and 'text' keys")
     chat = _plain(messages)
@@ -53,7 +62,7 @@ def _plain(value):
         return [_plain(item) for item in value]
     if isinstance(value, tuple):
         return tuple(_plain(item) for item in value)
-    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:  # a numpy scalar
+    if isinstance(value, np.generic):  # a numpy scalar (not an array)
         return _plain(value.item())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}

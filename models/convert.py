@@ -42,8 +42,28 @@ log = logging.getLogger(__name__)
 # transformers builds a model under process-wide patches (torch's default dtype, a no-op
 # `PreTrainedModel.tie_weights`) that it saves and restores without a lock: two builds at once
 # can leave them in place for good, and every later Gemma then gets an untied, random lm_head.
-# Every model build in this process (conversion skeleton, checkpoint load) takes this lock.
+# Every build of one of transformers' models in this process takes this lock (our own model code,
+# models/cpu_model.py, patches nothing and does not).
 MODEL_BUILD_LOCK = threading.Lock()
+_IMPORT_LOCK = threading.Lock()
+_imported: set[str] = set()
+
+
+def import_transformers(tokenizers: bool = False) -> None:
+    """Import the parts of transformers the app uses, once, under one lock: its lazy module is not safe
+    to import from two threads at once, and models load in parallel. The GGUF tables, config and model
+    classes, cache; with `tokenizers`, its fast tokenizer and GGUF tokenizer builders (~1.3 s more).
+    A warm load of a quantized Gemma model needs none of it."""
+    with _IMPORT_LOCK:
+        if "core" not in _imported:
+            import transformers.integrations.ggml  # noqa: F401
+            import transformers.modeling_gguf_pytorch_utils  # noqa: F401
+            from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: F401
+            _imported.add("core")
+        if tokenizers and "tokenizers" not in _imported:
+            import transformers.integrations.gguf.gguf_tokenizer_mapping  # noqa: F401
+            from transformers import PreTrainedTokenizerFast  # noqa: F401
+            _imported.add("tokenizers")
 
 # Architectures we load and test. Others may work through transformers, but we refuse them
 # with a clear message rather than serve a model nobody has checked.
@@ -476,11 +496,7 @@ def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
     (models/quant_checkpoint.py) instead of dequantizing them to `dtype`.
     The folder appears complete or not at all: it is written beside its final name and renamed.
     """
-    # Import on this thread first: transformers' lazy module is not safe to import from two at once.
-    if not spm_tokenizer.applies_to(header):  # (our own Gemma tokenizer needs none of it: ~1.3 s)
-        import transformers.integrations.gguf.gguf_tokenizer_mapping  # noqa: F401
-    import transformers.modeling_gguf_pytorch_utils  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    import_transformers(tokenizers=not spm_tokenizer.applies_to(header))  # (our Gemma tokenizer needs none)
 
     started = time.perf_counter()
     config = build_config(header)

@@ -76,6 +76,10 @@ def unsupported(config: ModelConfig) -> str | None:
         return "attention soft-capping or bidirectional attention"
     if config.activation not in ACTIVATIONS:
         return f"activation {config.activation!r}"
+    if config.rope_parameters is None and (config.rope_scaling or config.rope_local_base_freq):
+        return "rotary parameters in an older config shape (rope_scaling / rope_local_base_freq)"
+    if config.gemma and not config.layer_types:
+        return "a Gemma config without layer_types"
     for kind in set(config.kinds()):
         rope = config.rope(kind)
         if rope.get("rope_type", "default") not in ROPE_TYPES or rope.get("partial_rotary_factor", 1.0) != 1.0:

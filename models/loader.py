@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import spm_tokenizer
-from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint
+from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint, import_transformers
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .decode_step import make_decode_step
 from .gguf_file import GGUFHeader, read_header
@@ -206,6 +206,15 @@ def pick_weights(device: torch.device, options: LoadOptions) -> str:
     return options.weights
 
 
+def _weights_for(options: LoadOptions) -> str | None:
+    """How loads with `options` hold their weights, or None where they can't load at all (each load
+    then says why; the app still starts)."""
+    try:
+        return pick_weights(pick_device(options.device), options)
+    except LoadError:
+        return None
+
+
 def import_model_code(options: LoadOptions = LoadOptions()) -> float:
     """Import the model code loads with `options` use; return the seconds it took.
 
@@ -225,9 +234,8 @@ def import_model_code(options: LoadOptions = LoadOptions()) -> float:
 
     chat_template.prepare()
 
-    if pick_weights(pick_device(options.device), options) == "dense":
-        from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
-
+    if _weights_for(options) == "dense":
+        import_transformers(tokenizers=True)
         for architecture in SUPPORTED_ARCHITECTURES:
             importlib.import_module(f"transformers.models.{architecture}.modeling_{architecture}")
     return time.perf_counter() - started
@@ -303,7 +311,7 @@ def prepare_kernels(cache_root: Path, options: LoadOptions) -> threading.Thread 
     """Build (or load) the AVX2 kernels on a background thread where loads with `options` use quantized
     weights: a first start runs the C compiler (~2 s of one core) while the app starts up, rather than
     during the first conversion, which keeps both cores busy. Loads then find the kernels ready."""
-    if pick_weights(pick_device(options.device), options) != "quantized":
+    if _weights_for(options) != "quantized":
         return None
 
     def build() -> None:
@@ -355,8 +363,7 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         folder = prepare_checkpoint(header, cache_root, dtype, weights, report)
         report(0.9, "loading weights")
         if weights == "dense" or not (folder / spm_tokenizer.MODEL_FILE).is_file():
-            # transformers' lazy module is not safe to import from two threads at once: import first.
-            from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+            import_transformers(tokenizers=True)  # before the tokenizer's thread imports any of it
         native = kernels.result() if kernels is not None else None
         tokenizer_future = pool.submit(load_tokenizer, folder)
         if weights == "quantized":
@@ -366,7 +373,7 @@ def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOpt
         tokenizer = tokenizer_future.result()
     memory = sum(p.numel() * p.element_size() for p in model.parameters())
     memory += sum(b.numel() * b.element_size() for b in model.buffers())
-    context = min(int(getattr(model.config, "max_position_embeddings", header.context_length)),
+    context = min(int(getattr(model.config, "max_position_embeddings", None) or header.context_length),
                   header.context_length, options.max_context)
     fim = fim_tokens(header.metadata, token_lookup(tokenizer), len(tokenizer))
     report(1.0, "loaded")

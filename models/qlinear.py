@@ -270,9 +270,12 @@ class FusedRMSNorm(nn.Module):
 
 def _rms_norm_kinds() -> dict[type, tuple[str, float]]:
     """The RMS norm classes of transformers' supported architectures: (eps attribute, offset added to weight)."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from .convert import MODEL_BUILD_LOCK
+
+    with MODEL_BUILD_LOCK:  # model code imported one thread at a time, as transformers' builds are
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
     return {Gemma3RMSNorm: ("eps", 1.0), LlamaRMSNorm: ("variance_epsilon", 0.0),
             Qwen2RMSNorm: ("variance_epsilon", 0.0)}

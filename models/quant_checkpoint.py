@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .convert import (CHUNK_BYTES, MODEL_BUILD_LOCK, UnsupportedModel, WeightPlan, WeightSlot, _piece_bytes,
-                      plan_weights, read_rows)
+                      import_transformers, plan_weights, read_rows)
 from .gguf_file import GGUFHeader
 from .native_kernels import pack_nibbles
 from .progress import ProgressFn
@@ -258,6 +258,7 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
 
 def _transformers_model(folder: Path, dtype: torch.dtype):
     """transformers' model class for the checkpoint in `folder`, its weights on the meta device."""
+    import_transformers()
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights

@@ -103,24 +103,28 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward(lm):
 
 
 def test_requests_arriving_a_few_ms_apart_at_an_idle_loop_share_one_prefill(lm):
-    """The idle loop waits for arrivals (`gather_s` after each, `GATHER_MAX_S` in all) before prefilling;
-    without the wait the first request is prefilled alone and the rest after it."""
+    """The idle loop waits for arrivals (`gather_s` after each, `gather_max_s` in all, and no longer once
+    the batch is full) before prefilling; without the wait the first request is prefilled alone and the
+    rest after it."""
     prompts = PROMPTS[:4]
     expected = {p: single(lm, p) for p in prompts}
-    gathering = BatchScheduler(lm, max_batch=8, gather_s=0.05)
+    gathering = BatchScheduler(lm, max_batch=4, gather_s=2.0, gather_max_s=10.0)  # ends at the 4th arrival
+    started = time.monotonic()
     assert run_concurrently(gathering, lm, prompts, stagger_s=0.005) == expected
     assert gathering.prefills == 1
+    assert time.monotonic() - started < 8  # a full batch does not wait out the window
     alone = BatchScheduler(lm, max_batch=8, gather_s=0.0)
     assert run_concurrently(alone, lm, prompts, stagger_s=0.03) == expected
     assert alone.prefills > 1
 
 
 def test_a_lone_request_waits_at_most_the_gather_cap(lm):
-    scheduler = BatchScheduler(lm, max_batch=8, gather_s=5.0)  # a window far longer than the cap
+    expected = single(lm, PROMPTS[0])
+    scheduler = BatchScheduler(lm, max_batch=8, gather_s=30.0, gather_max_s=0.05)  # a window far past the cap
     started = time.monotonic()
     text = "".join(c.text for c in scheduler.stream(lm.encode(PROMPTS[0]), GREEDY, threading.Event()))
-    assert text == single(lm, PROMPTS[0])
-    assert time.monotonic() - started < 2.0  # GATHER_MAX_S (50 ms) plus the reply, not 5 s
+    assert text == expected
+    assert time.monotonic() - started < 10  # the 50 ms cap plus the reply, not the 30 s window
     assert BatchScheduler(lm, max_batch=1).gather_s == 0  # a batch of one has nobody to wait for
 
 
@@ -229,7 +233,7 @@ def test_prefix_cache_respects_its_byte_cap():
 def test_join_and_select_keep_rows_aligned():
     def batch(length, value):
         keys = torch.full((1, 1, length, 2), float(value))
-        return kv.Batch(kv.cache_from_layers([(keys, keys.clone())]), torch.ones(1, length, dtype=torch.long))
+        return kv.Batch(kv.cache_from_layers([(keys, keys.clone())], None), torch.ones(1, length, dtype=torch.long))
 
     joined = kv.join(batch(3, 1), batch(5, 2))
     assert joined.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]

@@ -85,6 +85,18 @@ def test_the_sandbox_holds(template):
         render_chat(template, [{"role": "user", "content": "hi"}])
 
 
+def test_what_it_does_not_do_is_refused():
+    def lookup(query: str) -> str:
+        """Find things."""
+        return query
+
+    with pytest.raises(TypeError, match="JSON schemas"):
+        render_chat(RICH, CHATS[0], tools=[lookup])
+    for option in ("continue_final_message", "return_assistant_tokens_mask"):
+        with pytest.raises(ValueError, match=option):
+            render_chat(RICH, CHATS[0], **{option: True})
+
+
 def test_rich_objects_reach_the_template_as_placeholders():
     class Thing:
         def delete_everything(self):

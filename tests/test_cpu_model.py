@@ -130,7 +130,8 @@ def test_a_conversion_plans_the_same_tensors_on_our_skeleton(tmp_path, arch):
 
 @pytest.mark.parametrize("change", [{"model_type": "mistral"}, {"attn_logit_softcapping": 50.0},
                                     {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-                                    {"hidden_act": "relu"}])
+                                    {"hidden_act": "relu"},
+                                    {"rope_parameters": None, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}])
 def test_what_it_does_not_cover_goes_to_transformers(checkpoints, tmp_path, change):
     config = cpu_model.ModelConfig({**json.loads((checkpoints["llama"] / "config.json").read_text()), **change})
     assert cpu_model.unsupported(config) and cpu_model.build_model(config) is None
