@@ -324,6 +324,11 @@ def _padded(voc: dict, multiple: int) -> dict:
     return voc
 
 
+# A tiny model with a 32-token sliding window (gemma3: half the context) and mixed weight types: short
+# tests cross the window and use every quantized layout.
+WINDOWED = dict(hidden=128, ffn=256, heads=4, kv_heads=2, context_length=64, weight_types="mixed")
+
+
 def write_tiny_gguf(
     path,
     arch: str = "llama",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gguf_factory import write_tiny_gguf
+from gguf_factory import WINDOWED, write_tiny_gguf
 from inference import kv
 from models import cpu_model
 from models.gguf_file import read_header
@@ -31,8 +31,7 @@ def checkpoints(tmp_path_factory, model_cache):
     folder = tmp_path_factory.mktemp("cpu-model")
     paths = {}
     for arch in ARCHS:
-        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, hidden=128, ffn=256, heads=4, kv_heads=2,
-                               context_length=64, weight_types="mixed")
+        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, **WINDOWED)
         paths[arch] = prepare_checkpoint(read_header(path), model_cache, torch.float32, "quantized")
     return paths
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from gguf_factory import write_tiny_gguf
+from gguf_factory import WINDOWED, write_tiny_gguf
 from inference import kv
 from models import native_kernels
 from models.decode_step import make_decode_step
@@ -25,8 +25,7 @@ def models(tmp_path_factory, model_cache):
     folder = tmp_path_factory.mktemp("decode-step")
     loaded = {}
     for arch in ARCHS:
-        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, hidden=128, ffn=256, heads=4, kv_heads=2,
-                               context_length=64, weight_types="mixed")
+        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, **WINDOWED)
         loaded[arch] = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
     return loaded
 
@@ -144,8 +143,7 @@ def native_models(tmp_path_factory, model_cache):
     folder = tmp_path_factory.mktemp("decode-step-native")
     loaded = {}
     for arch in ARCHS:
-        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, hidden=128, ffn=256, heads=4, kv_heads=2,
-                               context_length=64, weight_types="mixed")
+        path = write_tiny_gguf(folder / f"m-{arch}.gguf", arch, **WINDOWED)
         loaded[arch] = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="native"))
     return loaded
 
