@@ -294,7 +294,7 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(past, past + count, device=input_ids.device).expand(rows, count)
         x = inner.embed_tokens(input_ids)
         rotations = {kind: inner.rotary_emb(x, position_ids, kind) for kind in set(inner.kinds)}
-        masks = {window: _attention_mask(attention_mask, position_ids, past + count, window)
+        masks = {window: visible_keys(attention_mask, position_ids, past + count, window)
                  for window in set(inner.windows)}
         for index, layer in enumerate(inner.layers):
             x = layer(x, rotations[inner.kinds[index]], cache, index, masks[inner.windows[index]])
@@ -307,7 +307,7 @@ class CausalLM(nn.Module):
         return Output(logits, cache)
 
 
-def _attention_mask(padding: torch.Tensor | None, positions: torch.Tensor, length: int,
+def visible_keys(padding: torch.Tensor | None, positions: torch.Tensor, length: int,
                     window: int | None) -> torch.Tensor | None:
     """Which keys each new token sees, [rows, 1, tokens, length] (None: one unpadded token sees all
     its keys, or its last `window`, which the attention slices).

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_model import rotate
+from .cpu_model import rotate, visible_keys
 
 NATIVE_MAX_ROWS = 32  # the AVX2 kernels serve inputs of fewer rows (models/qlinear.py's WIDE_ROWS)
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1}  # native/layers.c's `act`
@@ -108,11 +108,7 @@ class DecodeStep:
         if mask is None:
             return None
         if window not in masks:
-            allowed = mask.bool()
-            if window is not None:
-                key_positions = mask.cumsum(-1) - 1
-                allowed = allowed & (positions - key_positions < window)
-            masks[window] = allowed[:, None, None, :]
+            masks[window] = visible_keys(mask, positions, mask.shape[-1], window)
         return masks[window]
 
 

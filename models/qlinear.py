@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_matmul import cpu_has_native_bf16
+from .cpu_model import RMSNorm
 
 GROUP = 32
 PACK_ROWS = 64  # rows torch's CPU int4 layout interleaves together
@@ -285,8 +286,6 @@ def _norm_kind(module: nn.Module, kinds: dict) -> tuple[float, float] | None:
     """(eps, offset added to the weight) of an RMS norm we can fuse, else None. Our own models' norms
     (models/cpu_model.py) say it themselves; transformers' are looked up (importing its model code
     only for its models)."""
-    from .cpu_model import RMSNorm
-
     if isinstance(module, RMSNorm):
         return module.eps, module.offset
     if not type(module).__module__.startswith("transformers."):
