@@ -2,14 +2,17 @@
 
 This is the slow, once-per-file step. It reads the header with our own reader (a small fraction of
 the time of each of the three passes `from_pretrained(gguf_file=...)` makes; bench/RESULTS.md),
-then reuses transformers' own GGUF tables for what the numbers mean: the config key mapping, the
-tokenizer builders and the per-architecture tensor fix-ups (llama's q/k permutation, Gemma's
-norm offset), so our checkpoint is the one transformers would have built.
+then gives the numbers the meaning transformers' GGUF loader gives them: the config, the tensor names
+and the per-architecture tensor fix-ups (llama's q/k permutation, Gemma's norm offset) from
+models/gguf_arch.py (transformers' tables, written out for our three architectures and tested against
+them), and the tokenizer from transformers' GGUF tokenizer builders, so our checkpoint is the one
+transformers would have built.
 
-Where transformers' own steps are slow we take faster routes to the same result: its tensor name
-map built once rather than once per submodule, Gemma's tokenizer as a SentencePiece model of its own
-vocabulary (models/spm_tokenizer.py; other SentencePiece files get their merges derived in numpy), and
-the weights streamed into `model.safetensors` a megabyte at a time, never all in memory at once.
+Where transformers' own steps are slow we take faster routes to the same result: Gemma's tokenizer as a
+SentencePiece model of its own vocabulary (models/spm_tokenizer.py; other SentencePiece files get their
+merges derived in numpy), the weights dequantized in numpy without gguf-py (models/quant_blocks.py) and
+streamed into `model.safetensors` a megabyte at a time, never all in memory at once. A first conversion
+of a Gemma model imports neither transformers nor gguf-py.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import spm_tokenizer
+from . import gguf_arch, spm_tokenizer
 from .gguf_file import GGML_TYPES, GGUFError, GGUFHeader, TensorInfo
 from .merges import sentencepiece_merges
 from .progress import ProgressFn
+from .quant_blocks import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,9 @@ def import_transformers(tokenizers: bool = False) -> None:
     """Import the parts of transformers the app uses, once, under one lock: its lazy module is not safe
     to import from two threads at once, and models load in parallel. The GGUF tables, config and model
     classes, cache; with `tokenizers`, its fast tokenizer and GGUF tokenizer builders (~1.3 s more).
-    A warm load of a quantized Gemma model needs none of it."""
+    A quantized Gemma model needs none of it, converting or loading."""
     with _IMPORT_LOCK:
         if "core" not in _imported:
-            import transformers.integrations.ggml  # noqa: F401
-            import transformers.modeling_gguf_pytorch_utils  # noqa: F401
             from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: F401
             _imported.add("core")
         if tokenizers and "tokenizers" not in _imported:
@@ -74,33 +76,28 @@ class UnsupportedModel(GGUFError):
     """The GGUF is readable but describes a model we cannot load."""
 
 
-def build_config(header: GGUFHeader):
-    """The transformers config this GGUF describes, built as transformers' GGUF loader builds it."""
-    from transformers import AutoConfig
-    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
-
+def build_config(header: GGUFHeader) -> dict:
+    """The `config.json` this GGUF describes, as transformers' GGUF loader builds and saves it
+    (models/gguf_arch.py), without `dtype`."""
     arch = header.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModel(
             f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    config: dict = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}))
-    for key in header.metadata:
-        prefix, _, rest = key.partition(".")
-        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
-        if target is None or target == -1:
-            continue
-        value = header.metadata[key]
-        if isinstance(value, list) and prefix != arch:
-            continue
-        config[target] = value
-    names = {t.name for t in header.tensors}
-    config["tie_word_embeddings"] = "output.weight" not in names
-    if config.get("model_type") == "gemma3":
-        config["model_type"] = "gemma3_text"  # a GGUF holds only Gemma 3's text backbone
-    config.setdefault("vocab_size", header.metadata.length("tokenizer.ggml.tokens"))
-    model_type = config.pop("model_type")
-    return AutoConfig.for_model(model_type, **config)
+    try:
+        return gguf_arch.checkpoint_config(arch, header.metadata, {t.name for t in header.tensors},
+                                           header.metadata.length("tokenizer.ggml.tokens"))
+    except gguf_arch.UnreadableConfig as error:
+        raise UnsupportedModel(f"{header.path.name}: {error}") from error
+
+
+def transformers_config(config: dict):
+    """transformers' config object for a `config.json` dict (for transformers' own model classes)."""
+    import_transformers()
+    from transformers import AutoConfig
+
+    values = dict(config)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def tokenizer_fields(header: GGUFHeader) -> tuple[dict, dict]:
@@ -202,70 +199,25 @@ class WeightPlan:
     """Every tensor `model.safetensors` gets, and what turns GGUF tensors into them."""
 
     slots: list[WeightSlot]
-    processor: object  # transformers' TensorProcessor for the architecture
+    fix_ups: gguf_arch.FixUps  # the architecture's tensor fix-ups
     name_map: dict[str, str]  # GGUF tensor name -> transformers parameter name
-    config_dict: dict
 
-    def process(self, weights: np.ndarray, info: TensorInfo):
-        return self.processor.process(weights=weights, name=info.name, tensor_key_mapping=self.name_map,
-                                      parsed_parameters={"config": self.config_dict})
+    def process(self, weights: np.ndarray, info: TensorInfo) -> gguf_arch.Processed:
+        return self.fix_ups.process(weights, info.name)
 
 
-def gguf_name_map(skeleton, processor, architecture: str) -> dict[str, str]:
-    """GGUF tensor name -> transformers parameter name, as transformers' `get_gguf_hf_weights_map`.
-
-    That function walks every submodule and rebuilds gguf-py's name table for each one (313 times
-    for Gemma 3 270M). This builds the table once and walks the same modules in the same
-    order, the first mapping found for a name winning, as there.
-    """
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
-    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == architecture), None)
-    if arch is None:
-        raise UnsupportedModel(f"gguf-py does not know the tensor names of architecture {architecture!r}")
-    table = get_tensor_name_map(arch, skeleton.config.num_hidden_layers)
-    name_map: dict[str, str] = {}
-    for prefix, module in _modules(skeleton):
-        found: dict[str, str] = {}
-        for hf_name in module.state_dict():
-            hf_name = processor.preprocess_name(hf_name)
-            name, suffix = hf_name, ""
-            if hf_name.endswith((".weight", ".bias")):
-                name, suffix = hf_name.rsplit(".", 1)
-                suffix = "." + suffix
-            gguf_name = table.get_name(name)
-            if gguf_name is None:
-                processor.perform_fallback_tensor_mapping(found, suffix, prefix, hf_name)
-            else:
-                found[gguf_name + suffix] = prefix + hf_name
-        for gguf_name, hf_name in found.items():
-            name_map.setdefault(gguf_name, hf_name)
-    return name_map
-
-
-def _modules(module, prefix: str = ""):
-    """(qualified name prefix, module) for `module` and its descendants, parents first."""
-    yield prefix, module
-    for name, child in module.named_children():
-        yield from _modules(child, f"{prefix}{name}.")
-
-
-def plan_weights(header: GGUFHeader, config, dtype: torch.dtype) -> WeightPlan:
+def plan_weights(header: GGUFHeader, config: dict, dtype: torch.dtype) -> WeightPlan:
     """Which GGUF tensor fills which parameter, with what shape, at which offset of the file.
 
     Shapes come from the model's module tree on the meta device (no memory, see `model_skeleton`).
     """
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"cannot write {dtype} weights; use one of {', '.join(map(str, SAFETENSORS_DTYPES))}")
     skeleton = model_skeleton(config)
-    config_dict = config.to_dict()
-    processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config_dict)
-    name_map = gguf_name_map(skeleton, processor, header.architecture)
     shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
     del skeleton
-    plan = WeightPlan([], processor, name_map, config_dict)
+    name_map = gguf_arch.name_map(header.architecture, shapes)
+    plan = WeightPlan([], gguf_arch.FixUps(header.architecture, config), name_map)
     sources = {name_map[info.name]: info for info in header.tensors if info.name in name_map}
     missing = set(shapes) - set(sources) - {"lm_head.weight"}
     if missing:
@@ -284,33 +236,29 @@ def plan_weights(header: GGUFHeader, config, dtype: torch.dtype) -> WeightPlan:
     return plan
 
 
-def model_skeleton(config, own_code: bool = True):
-    """The model of transformers' `config` on the meta device, for its parameter names and shapes: our
-    own (models/cpu_model.py, same names) where it covers the config, which spares a first conversion
-    importing transformers' model code (~5 s here); transformers' model otherwise, or with `own_code=False`."""
+def model_skeleton(config: dict, own_code: bool = True):
+    """The model of `config` (a `config.json` dict) on the meta device, for its parameter names and
+    shapes: our own (models/cpu_model.py, same names) where it covers the config, which spares a first
+    conversion importing transformers' model code (~5 s here); transformers' model otherwise, or with
+    `own_code=False`."""
     from .cpu_model import ModelConfig, build_model
 
-    skeleton = build_model(ModelConfig(config.to_dict())) if own_code else None
+    skeleton = build_model(ModelConfig(config)) if own_code else None
     if skeleton is None:
+        hf_config = transformers_config(config)
         from transformers import AutoModelForCausalLM
 
         with MODEL_BUILD_LOCK, torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(hf_config)
     return skeleton
 
 
 def _needs_fix_up(plan: WeightPlan, info: TensorInfo) -> bool:
-    """Whether the tensor processor changes this tensor, asked with an empty tensor of its shape.
-
-    transformers' processors return the array they were given for a tensor they leave alone, and
-    a new one otherwise; a tensor left alone can be converted a few rows at a time.
-    """
+    """Whether the fix-ups change this tensor, asked with an empty tensor of its shape (they return the
+    array they were given for a tensor they leave alone); a tensor left alone can be converted a few
+    rows at a time."""
     probe = np.zeros((0, *reversed(info.shape[:-1])), dtype=np.float32)
-    try:
-        result = plan.process(probe, info)
-    except Exception:  # noqa: BLE001 - it may need the real values: convert it whole, as before
-        return True
-    return result.weights is not probe or result.name != info.name
+    return plan.process(probe, info).weights is not probe
 
 
 def _shape_error(header: GGUFHeader, info: TensorInfo, got: tuple, name: str, want: tuple) -> UnsupportedModel:
@@ -359,18 +307,14 @@ def read_rows(header: GGUFHeader, info: TensorInfo, rows: tuple[int, int]) -> np
 def _piece_bytes(header: GGUFHeader, plan: WeightPlan, slot: WeightSlot, rows: tuple[int, int],
                  dtype: torch.dtype) -> np.ndarray:
     """Rows `rows` of `slot` dequantized, fixed up if needed, and converted to `dtype`, as bytes."""
-    from gguf import quants
-
     info = slot.source
     raw = read_rows(header, info, rows)
     try:
-        weights = quants.dequantize(raw, info.ggml_type)  # flat: one numpy pass
+        weights = dequantize(raw, info.ggml_type)  # flat: one numpy pass
     except (NotImplementedError, ValueError) as error:
         raise UnsupportedModel(f"cannot dequantize {info.name} ({info.type_name}): {error}") from error
     if slot.fix_up:
         result = plan.process(weights.reshape(tuple(reversed(info.shape))), info)
-        if plan.name_map.get(result.name) != slot.name:
-            raise UnsupportedModel(f"{header.path.name}: tensor {info.name} came out as {result.name!r}")
         if tuple(result.weights.shape) != slot.shape:
             raise _shape_error(header, info, tuple(result.weights.shape), slot.name, slot.shape)
         weights = result.weights
@@ -496,11 +440,10 @@ def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
     (models/quant_checkpoint.py) instead of dequantizing them to `dtype`.
     The folder appears complete or not at all: it is written beside its final name and renamed.
     """
-    import_transformers(tokenizers=not spm_tokenizer.applies_to(header))  # (our Gemma tokenizer needs none)
-
+    if not spm_tokenizer.applies_to(header):  # transformers' tokenizer builders (our Gemma tokenizer needs none)
+        import_transformers(tokenizers=True)
     started = time.perf_counter()
-    config = build_config(header)
-    config.dtype = dtype
+    config = {**build_config(header), "dtype": str(dtype).removeprefix("torch.")}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".partial", dir=out_dir.parent))
     try:
@@ -514,7 +457,7 @@ def convert_to_checkpoint(header: GGUFHeader, out_dir: Path, dtype: torch.dtype,
             else:
                 write_weights(header, config, dtype, staging / "model.safetensors", progress)
             tokenizer.result()
-        config.save_pretrained(staging)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (staging / "source.json").write_text(json.dumps({
             "gguf": str(header.path), "dtype": str(dtype).removeprefix("torch."), "quantized": quantized,
             "seconds": round(time.perf_counter() - started, 2),

@@ -8,17 +8,24 @@
 - `<name>.q` (int8 [out, in]) and `<name>.scale` (float32 [out]) for every other matrix and for the
   token embedding (looked up by row, so it needs the int8 layout);
 
-and `<name>` in float32 for vectors (norms, biases). An int8 output projection over a large vocabulary
-also gets `<name>.coarse.packed` / `.coarse.scales_zeros`, an int4 rounding of it for `ShortlistHead`.
-Streamed a few rows at a time, like the dense conversion. `load_quantized_model` memory-maps that file and builds the model around it: a warm
-load maps what it needs instead of converting anything.
+and `<name>` in float32 for vectors (norms, biases). Streamed a few rows at a time, like the dense
+conversion. `load_quantized_model` memory-maps that file and builds the model around it: a warm load maps
+what it needs instead of converting anything.
+
+An int8 output projection over a large vocabulary can also have `<name>.coarse.packed` /
+`.coarse.scales_zeros`, an int4 rounding of it for `ShortlistHead`, in `coarse.safetensors` beside it:
+built by the first load that uses the shortlist (torch's kernels on a CPU without native bfloat16), not
+by the conversion, whose first start it would slow by ~1.5 s for a head most CPUs never use.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import struct
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +39,15 @@ from .gguf_file import GGUFHeader
 from .native_kernels import pack_nibbles
 from .progress import ProgressFn
 from .qlinear import GROUP, pack_int4
-from .quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
+from .quant_blocks import Int8Rows, int4_rows, int8_rows, is_int4_exact, round_int4
+
+log = logging.getLogger(__name__)
 
 EMBEDDING = "model.embed_tokens.weight"
 ROW_ALIGN = 64  # int4 rows packed together: torch packs blocks of rows, so chunks start on a multiple
 OUTPUT_NAMES = (EMBEDDING, "lm_head.weight")  # what may project the output (the embedding when tied)
-COARSE_MIN_ROWS = 32768  # vocabularies at least this large also get a coarse int4 copy (ShortlistHead)
+COARSE_MIN_ROWS = 32768  # vocabularies at least this large can get a coarse int4 copy (ShortlistHead)
+COARSE_FILE = "coarse.safetensors"
 
 
 @dataclass(frozen=True)
@@ -81,24 +91,13 @@ def _int4_parts(name: str, rows: int, cols: int, nibbles: bool = True) -> list[P
     return parts + [Part(name + ".nibbles", "U8", (rows, cols // 2))] if nibbles else parts
 
 
-def has_coarse_copy(slot: WeightSlot, kind: str) -> bool:
-    """An int8 output projection over a large vocabulary also gets an int4 copy, rounded from the int8
-    values, for `ShortlistHead` (models/qlinear.py): all logits coarse, the best ones exact."""
-    rows, cols = slot.shape if len(slot.shape) == 2 else (0, 0)
-    return kind == "int8" and slot.name in OUTPUT_NAMES and rows >= COARSE_MIN_ROWS and rows % 16 == 0 \
-        and cols % GROUP == 0
-
-
 def _parts(slot: WeightSlot, kind: str) -> list[Part]:
     if kind == "dense":
         return [Part(slot.name, "F32", slot.shape)]
     rows, cols = slot.shape
     if kind == "int4":
         return _int4_parts(slot.name, rows, cols)
-    parts = [Part(slot.name + ".q", "I8", (rows, cols)), Part(slot.name + ".scale", "F32", (rows,))]
-    if has_coarse_copy(slot, kind):
-        parts += _int4_parts(slot.name + ".coarse", rows, cols, nibbles=False)  # torch's kernel only
-    return parts
+    return [Part(slot.name + ".q", "I8", (rows, cols)), Part(slot.name + ".scale", "F32", (rows,))]
 
 
 def plan_quantized(header: GGUFHeader, config) -> tuple[WeightPlan, list[QuantSlot]]:
@@ -114,12 +113,10 @@ def plan_quantized(header: GGUFHeader, config) -> tuple[WeightPlan, list[QuantSl
     return plan, slots
 
 
-def _header_bytes(slots: list[QuantSlot]) -> bytes:
+def _header_bytes(parts: list[Part]) -> bytes:
     entries: dict = {"__metadata__": {"format": "pt", "layout": "quantized"}}
-    for quant in slots:
-        for part in quant.parts:
-            entries[part.name] = {"dtype": part.dtype, "shape": list(part.shape),
-                                  "data_offsets": [part.begin, part.end]}
+    for part in parts:
+        entries[part.name] = {"dtype": part.dtype, "shape": list(part.shape), "data_offsets": [part.begin, part.end]}
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
@@ -170,11 +167,7 @@ def _convert_rows(header: GGUFHeader, plan: WeightPlan, quant: QuantSlot,
     if quant.kind == "dense":
         return [weights.view(np.uint8)]
     table = int8_rows(weights.reshape(rows[1] - rows[0], slot.shape[1]))
-    pieces = [table.q.view(np.uint8), table.scale.view(np.uint8)]
-    if len(quant.parts) > 2:  # the coarse copy
-        coarse = round_int4(table.dequantize())
-        pieces += _int4_bytes(coarse.q, coarse.scale, coarse.min, nibbles=False)
-    return pieces
+    return [table.q.view(np.uint8), table.scale.view(np.uint8)]
 
 
 def _int4_bytes(q: np.ndarray, scale: np.ndarray, low: np.ndarray, nibbles: bool = True) -> list[np.ndarray]:
@@ -187,7 +180,7 @@ def _int4_bytes(q: np.ndarray, scale: np.ndarray, low: np.ndarray, nibbles: bool
 def write_quantized_weights(header: GGUFHeader, config, path: Path, progress: ProgressFn | None = None) -> None:
     """Write the quantized `model.safetensors` for `header`, streamed a few rows at a time."""
     plan, slots = plan_quantized(header, config)
-    head = _header_bytes(slots)
+    head = _header_bytes([part for quant in slots for part in quant.parts])
     base = len(head)
     jobs = [(index, quant, rows) for index, quant in enumerate(slots) for rows in _row_ranges(quant)]
     total = sum(part.end - part.begin for quant in slots for part in quant.parts)
@@ -206,6 +199,94 @@ def write_quantized_weights(header: GGUFHeader, config, path: Path, progress: Pr
                 out.write(data.tobytes())
             if progress and rows[1] == _gguf_rows(quant.slot):
                 progress((index + 1) / len(slots), f"quantizing tensors {index + 1}/{len(slots)}")
+
+
+# ----- the coarse copy of the output table ---------------------------------------------------------
+
+def _coarse_tables(tensors: dict) -> list[str]:
+    """The int8 output tables that can have a coarse copy: large vocabularies, whole int4 groups."""
+    names = []
+    for name in OUTPUT_NAMES:
+        table = tensors.get(name + ".q")
+        if table is not None and table.shape[0] >= COARSE_MIN_ROWS and table.shape[0] % 16 == 0 \
+                and table.shape[1] % GROUP == 0:
+            names.append(name)
+    return names
+
+
+def coarse_tensors(folder: Path, tensors: dict) -> dict[str, torch.Tensor]:
+    """The coarse int4 copies of the output tables in `tensors` (a checkpoint's, mapped), from
+    `coarse.safetensors` in `folder`, which the first call writes (~3 s of numpy for the bundled model's
+    262k rows). Rounded from the int8 values: all logits coarse, the best ones recomputed exactly."""
+    wanted = [name for name in _coarse_tables(tensors) if name + ".coarse.packed" not in tensors]
+    if not wanted:
+        return {}
+    path = folder / COARSE_FILE
+    if path.is_file():
+        try:
+            found = map_safetensors(path)
+            if all(name + ".coarse.packed" in found for name in wanted):
+                return found
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("rebuilding %s: %s", path, error)
+    parts, offset = [], 0
+    for name in wanted:
+        rows, cols = tensors[name + ".q"].shape
+        for part in _int4_parts(name + ".coarse", rows, cols, nibbles=False):
+            parts.append(Part(part.name, part.dtype, part.shape, offset, offset + part.nbytes))
+            offset += part.nbytes
+    try:
+        _write_coarse_file(path, parts, tensors, wanted)
+    except OSError as error:  # a read-only or full cache: build it in memory this once
+        log.warning("could not keep the coarse output table in %s (%s)", folder, error)
+        return _coarse_in_memory(tensors, wanted)
+    return map_safetensors(path)
+
+
+def _coarse_rows(tensors: dict, name: str, rows: tuple[int, int]) -> list[np.ndarray]:
+    q = tensors[name + ".q"][rows[0]:rows[1]].numpy()
+    scale = tensors[name + ".scale"][rows[0]:rows[1]].numpy()
+    coarse = round_int4(Int8Rows(q, scale).dequantize())
+    return _int4_bytes(coarse.q, coarse.scale, coarse.min, nibbles=False)
+
+
+def _coarse_ranges(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(ROW_ALIGN, CHUNK_BYTES // (4 * cols) // ROW_ALIGN * ROW_ALIGN)
+    return [(first, min(first + step, rows)) for first in range(0, rows, step)]
+
+
+def _write_coarse_file(path: Path, parts: list[Part], tensors: dict, names: list[str]) -> None:
+    """Write the coarse tables as a safetensors file at `path`, atomically (beside it, then renamed)."""
+    by_name = {part.name: part for part in parts}
+    head = _header_bytes(parts)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(max_workers=2) as pool:
+            out.write(head)
+            for name in names:
+                rows, cols = tensors[name + ".q"].shape
+                ranges = _coarse_ranges(rows, cols)
+                for first_last, (packed, scales_zeros) in zip(ranges, pool.map(
+                        lambda r, name=name: _coarse_rows(tensors, name, r), ranges)):
+                    for part, data in ((by_name[name + ".coarse.packed"], packed),
+                                       (by_name[name + ".coarse.scales_zeros"], scales_zeros)):
+                        out.seek(len(head) + part.begin + first_last[0] * part.row_bytes)
+                        out.write(data.tobytes())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _coarse_in_memory(tensors: dict, names: list[str]) -> dict[str, torch.Tensor]:
+    found = {}
+    for name in names:
+        rows, cols = tensors[name + ".q"].shape
+        pieces = [_coarse_rows(tensors, name, r) for r in _coarse_ranges(rows, cols)]
+        found[name + ".coarse.packed"] = torch.from_numpy(np.concatenate([p[0] for p in pieces]))
+        found[name + ".coarse.scales_zeros"] = torch.from_numpy(
+            np.concatenate([p[1] for p in pieces]).view(np.float32).reshape(rows, cols // GROUP, 2))
+    return found
 
 
 # ----- loading -----------------------------------------------------------------------------------
@@ -252,6 +333,8 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
         from .cpu_matmul import cpu_has_native_bf16
 
         shortlist = native is None and not cpu_has_native_bf16()
+    if shortlist:
+        tensors = {**tensors, **coarse_tensors(folder, tensors)}
     install_quantized(model, tensors, dtype, shortlist=shortlist, native=native)
     return model.eval()
 

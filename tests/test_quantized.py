@@ -20,7 +20,7 @@ from gguf_factory import random_blocks, write_tiny_gguf
 from models.loader import QUANT_FORMAT, LoadOptions, checkpoint_dir, load_model
 from models import quant_checkpoint
 from models.qlinear import (Int4Linear, Int8Embedding, Int8Linear, ShortlistHead, int4_scales_zeros, pack_int4)
-from models.quant_blocks import int4_rows, int8_rows, is_int4_exact, round_int4
+from models.quant_blocks import dequantize, int4_rows, int8_rows, is_int4_exact, round_int4
 
 RNG = np.random.default_rng(7)
 
@@ -42,6 +42,28 @@ def test_int4_repack_is_bit_exact(type_name):
     got = int4_rows(raw, Q[type_name].value, rows, cols)
     assert got.q.dtype == np.uint8 and got.q.max() <= 15
     assert np.array_equal(got.dequantize(), want)  # bit for bit, not approximately
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"])
+def test_our_dequantization_is_gguf_pys_bit_for_bit(type_name):
+    """The numpy dequantizers a first conversion uses instead of importing gguf-py give its values exactly
+    (random bytes everywhere but the half-float scales, so every bit pattern of the quants turns up)."""
+    rows, cols = 24, 512
+    qtype = Q[type_name]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    if block == 1:
+        values = RNG.standard_normal(rows * cols).astype(np.float32)
+        raw = gguf.quants.quantize(values, qtype) if type_name == "BF16" else values.astype(
+            np.float16 if type_name == "F16" else np.float32)
+        raw = raw.view(np.uint8)
+    else:
+        raw = RNG.integers(0, 256, size=(rows * cols // block, block_bytes), dtype=np.uint8)
+        halves = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (block_bytes - 2,)}.get(type_name, (0,))
+        for at in halves:
+            raw[:, at:at + 2] = (RNG.standard_normal(len(raw)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    want = gguf.quants.dequantize(raw, qtype).reshape(-1)
+    got = dequantize(raw.reshape(-1), qtype.value)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("type_name", ["Q5_0", "Q6_K", "Q8_0"])
@@ -239,9 +261,16 @@ def test_large_vocabularies_get_a_shortlist_head_where_asked(tmp_path, monkeypat
     cache = tmp_path / "cache"
     plain = load_model(path, cache, LoadOptions(weights="quantized"))
     folder = checkpoint_dir(cache, path, torch.float32, "quantized")
+    coarse_file = folder / quant_checkpoint.COARSE_FILE
+    assert not coarse_file.exists()  # the conversion leaves the coarse copy to the loads that use it
+    assert not any(".coarse." in name for name in quant_checkpoint.map_safetensors(folder / "model.safetensors"))
     fast = quant_checkpoint.load_quantized_model(folder, torch.float32, shortlist=True)
+    written = coarse_file.stat().st_mtime_ns
     slow = quant_checkpoint.load_quantized_model(folder, torch.float32, shortlist=False)
+    again = quant_checkpoint.load_quantized_model(folder, torch.float32, shortlist=True)
+    assert coarse_file.stat().st_mtime_ns == written  # built once, then mapped
     assert isinstance(fast.lm_head, ShortlistHead) and isinstance(slow.lm_head, Int8Linear)
+    assert torch.equal(fast.lm_head.coarse.packed, again.lm_head.coarse.packed)
     assert fast.lm_head.q is fast.model.embed_tokens.q  # still one exact table, shared with the embedding
     ids = plain.encode("The quick brown fox")
     with torch.inference_mode():

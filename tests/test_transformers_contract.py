@@ -3,8 +3,10 @@
 transformers has no public API for its GGUF tables (config keys, tokenizer builders, tensor
 processors), for the SentencePiece merges it derives, or for its KV cache layers and RMS norm
 classes; models/convert.py, models/merges.py, models/qlinear.py and inference/kv.py use them
-as they are, which is why requirements.txt pins transformers below the versions not yet checked.
-The equivalence tests (tests/test_convert_streaming.py, tests/test_decode_step.py) say *whether*
+as they are, and models/gguf_arch.py writes out the config keys, names and fix-ups that the tests
+compare with transformers' own; which is why requirements.txt pins transformers below the versions
+not yet checked. The equivalence tests (tests/test_convert_streaming.py, tests/test_gguf_arch.py,
+tests/test_decode_step.py) say *whether*
 the results still agree; these say *what* moved, so that an upgrade fails with the name of the
 symbol and of the code that relies on it, not with an ImportError deep in a model load.
 """
@@ -22,8 +24,9 @@ UPGRADE = "transformers {version} changed it; update {user} (and requirements.tx
 
 # (module, name, our code that uses it)
 SYMBOLS = [
-    ("transformers.integrations.ggml", "GGUF_CONFIG_MAPPING", "models/convert.py build_config"),
-    ("transformers.integrations.ggml", "GGUF_CONFIG_DEFAULTS_MAPPING", "models/convert.py build_config"),
+    ("transformers.integrations.ggml", "GGUF_CONFIG_MAPPING", "tests/test_gguf_arch.py (models/gguf_arch.py's reference)"),
+    ("transformers.integrations.ggml", "GGUF_CONFIG_DEFAULTS_MAPPING",
+     "tests/test_gguf_arch.py (models/gguf_arch.py's reference)"),
     ("transformers.integrations.gguf.gguf_tokenizer_mapping", "GGUF_TOKENIZER_MAPPING",
      "models/convert.py tokenizer_fields"),
     ("transformers.integrations.gguf.gguf_tokenizer_mapping", "convert_gguf_tokenizer",
@@ -36,10 +39,12 @@ SYMBOLS = [
      "models/merges.py sentencepiece_merges"),
     ("transformers.integrations.gguf.gguf_tokenizer_mapping", "phi3_tokenizer",
      "models/merges.py sentencepiece_merges"),
-    ("transformers.modeling_gguf_pytorch_utils", "TENSOR_PROCESSORS", "models/convert.py plan_weights"),
-    ("transformers.modeling_gguf_pytorch_utils", "TensorProcessor", "models/convert.py plan_weights, gguf_name_map"),
+    ("transformers.modeling_gguf_pytorch_utils", "TENSOR_PROCESSORS",
+     "tests/test_convert_streaming.py (models/gguf_arch.py FixUps' reference)"),
+    ("transformers.modeling_gguf_pytorch_utils", "TensorProcessor",
+     "tests/test_convert_streaming.py (models/gguf_arch.py FixUps' reference)"),
     ("transformers.modeling_gguf_pytorch_utils", "get_gguf_hf_weights_map",
-     "models/convert.py gguf_name_map (a faster copy of it) and its test"),
+     "tests/test_gguf_arch.py (models/gguf_arch.py name_map's reference)"),
     ("transformers.tokenization_utils_base", "generate_merges", "models/merges.py derive_merges (a faster copy)"),
     ("transformers.cache_utils", "DynamicLayer", "inference/kv.py GrowingLayer"),
     ("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", "models/qlinear.py _rms_norm_kinds"),
@@ -56,12 +61,8 @@ SIGNATURES = [
      ["architecture", "tokenizer_type"], "models/merges.py sentencepiece_merges"),
     ("transformers.integrations.gguf.gguf_tokenizer_mapping", "convert_gguf_tokenizer",
      ["architecture", "tokenizer_dict"], "models/convert.py _tokenizer_json"),
-    ("transformers.modeling_gguf_pytorch_utils", "TensorProcessor.preprocess_name", ["self", "hf_name"],
-     "models/convert.py gguf_name_map"),
-    ("transformers.modeling_gguf_pytorch_utils", "TensorProcessor.perform_fallback_tensor_mapping",
-     ["self", "gguf_to_hf_name_map", "suffix", "qual_name", "hf_name"], "models/convert.py gguf_name_map"),
     ("transformers.modeling_gguf_pytorch_utils", "TensorProcessor.process", ["self", "weights", "name"],
-     "models/convert.py WeightPlan.process"),
+     "tests/test_convert_streaming.py (models/gguf_arch.py FixUps' reference)"),
     ("transformers.tokenization_utils_base", "generate_merges", ["vocab", "vocab_scores"],
      "models/merges.py derive_merges"),
     ("transformers.utils.chat_template_utils", "render_jinja_template",
@@ -108,7 +109,7 @@ def test_the_gguf_tables_cover_our_architectures():
 
     missing = [arch for arch in SUPPORTED_ARCHITECTURES if arch not in GGUF_CONFIG_MAPPING]
     assert not missing, (f"GGUF_CONFIG_MAPPING has no entry for {missing}: "
-                         + UPGRADE.format(version=version(), user="models/convert.py build_config"))
+                         + UPGRADE.format(version=version(), user="models/gguf_arch.py ARCH_KEYS"))
     assert set(GGUF_TOKENIZER_MAPPING) == {"tokenizer", "tokenizer_config"}, (
         f"GGUF_TOKENIZER_MAPPING's groups are now {sorted(GGUF_TOKENIZER_MAPPING)}: "
         + UPGRADE.format(version=version(), user="models/convert.py tokenizer_fields"))

@@ -1,0 +1,178 @@
+"""What a GGUF of the architectures we serve means as a checkpoint: its config, which tensor is which
+parameter, and the fix-ups some tensors need. Written here instead of read from transformers' tables.
+
+A first conversion used to import transformers (~1.5 s here, with its GGUF tables) and gguf-py (~0.5 s)
+for three small tables, and walked the model's modules with gguf-py's name table (~0.6 s). For Llama,
+Qwen 2 and Gemma 3 the tables are short and fixed:
+
+- the config: llama.cpp's metadata keys mapped to transformers' config keys (the same mapping
+  transformers' GGUF loader uses), over the defaults of transformers' config classes for what a GGUF
+  does not say, in the shape transformers' `save_pretrained` writes (`config.json`);
+- the names: `blk.N.attn_q.weight` is `model.layers.N.self_attn.q_proj.weight`, and so on;
+- the fix-ups: llama.cpp stores Llama's q/k rows permuted for its interleaved rotary layout (undone
+  here), and Gemma's norm weights as 1 + w (transformers' Gemma keeps w).
+
+Tests check each against transformers' own (config.json, name map, converted bytes), so a transformers
+release that changes them shows up there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+# transformers' model type for each GGUF architecture (a GGUF holds only Gemma 3's text backbone)
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
+
+_SHARED_KEYS = {
+    "context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+    "rope.freq_base": "rope_theta", "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+# "<arch>.<key>" -> config key
+ARCH_KEYS = {
+    "llama": {**_SHARED_KEYS, "rope.dimension_count": "head_dim"},
+    "qwen2": dict(_SHARED_KEYS),
+    "gemma3": {**_SHARED_KEYS, "attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
+}
+OTHER_KEYS = {
+    "general.name": "_model_name_or_path",
+    "tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id", "tokenizer.ggml.padding_token_id": "pad_token_id",
+}
+
+# transformers' config class defaults (5.24), for what the GGUF does not say
+_COMMON = {"initializer_range": 0.02, "use_cache": True, "rms_norm_eps": 1e-6, "attention_dropout": 0.0}
+DEFAULTS = {
+    "llama": {**_COMMON, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
+              "pretraining_tp": 1, "attention_bias": False, "mlp_bias": False, "rope_theta": 10000.0},
+    "qwen2": {**_COMMON, "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+              "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
+              "rope_theta": 10000.0},
+    "gemma3_text": {**_COMMON, "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+                    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "attention_bias": False,
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": None,
+                    "attn_logit_softcapping": None, "use_bidirectional_attention": False,
+                    "_sliding_window_pattern": 6, "rope_theta": 1000000.0},
+}
+GEMMA_LOCAL_ROPE_THETA = 10000.0  # Gemma 3's sliding-window layers (`rope_local_base_freq`)
+
+
+class UnreadableConfig(ValueError):
+    """The GGUF's metadata does not describe a config of its architecture."""
+
+
+def checkpoint_config(architecture: str, metadata, tensor_names: set[str], vocabulary: int) -> dict:
+    """The `config.json` transformers' GGUF loader would build and save for this GGUF (without
+    `transformers_version` and `dtype`). `vocabulary`: the token count, for GGUFs with no vocab_size."""
+    model_type = MODEL_TYPES[architecture]
+    values: dict = {}
+    keys = ARCH_KEYS[architecture]
+    for key in metadata:
+        prefix, _, rest = key.partition(".")
+        target = keys.get(rest) if prefix == architecture else OTHER_KEYS.get(key)
+        if target is None:
+            continue
+        value = metadata[key]
+        if isinstance(value, list):
+            if prefix == architecture:
+                raise UnreadableConfig(f"{key} holds one value per layer, which {model_type} models do not take")
+            continue
+        values[target] = value
+    values.setdefault("vocab_size", vocabulary)
+    values["tie_word_embeddings"] = "output.weight" not in tensor_names
+    config = {**DEFAULTS[model_type], **values, "model_type": model_type}
+    theta = float(config.pop("rope_theta"))
+    layers = config["num_hidden_layers"]
+    if model_type == "gemma3_text":
+        pattern = config["_sliding_window_pattern"]
+        config["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                 for i in range(layers)]
+        config["rope_parameters"] = {"full_attention": {"rope_theta": theta, "rope_type": "default"},
+                                     "sliding_attention": {"rope_theta": GEMMA_LOCAL_ROPE_THETA,
+                                                           "rope_type": "default"}}
+        return config
+    config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    if model_type == "llama":
+        config.setdefault("num_key_value_heads", config["num_attention_heads"])
+        config["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    else:
+        config["layer_types"] = ["full_attention"] * layers
+    return config
+
+
+# ----- tensor names -------------------------------------------------------------------------------
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "ffn_norm": "post_attention_layernorm",
+}
+# Gemma's sandwich norms: its ffn_norm comes before the MLP, and two more norms follow each half
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+                      "post_attention_norm": "post_attention_layernorm",
+                      "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def name_map(architecture: str, parameter_names) -> dict[str, str]:
+    """GGUF tensor name -> parameter name, for the model's `parameter_names` (those with no GGUF
+    tensor, and GGUF tensors with no parameter such as Llama 3's `rope_freqs`, are left out)."""
+    layer_names = _GEMMA_LAYER_NAMES if architecture == "gemma3" else _LAYER_NAMES
+    wanted = set(parameter_names)
+    found: dict[str, str] = {}
+    layers = {int(name.split(".")[2]) for name in wanted if name.startswith("model.layers.")}
+    for gguf_base, hf_base in _TOP_NAMES.items():
+        for suffix in (".weight", ".bias"):
+            if hf_base + suffix in wanted:
+                found[gguf_base + suffix] = hf_base + suffix
+    for layer in sorted(layers):
+        for gguf_base, hf_base in layer_names.items():
+            for suffix in (".weight", ".bias"):
+                hf_name = f"model.layers.{layer}.{hf_base}{suffix}"
+                if hf_name in wanted:
+                    found[f"blk.{layer}.{gguf_base}{suffix}"] = hf_name
+    return found
+
+
+# ----- fix-ups ------------------------------------------------------------------------------------
+class Processed(NamedTuple):
+    weights: np.ndarray
+    name: str
+
+
+class FixUps:
+    """Turns a GGUF tensor (numpy, outermost dimension first) into the parameter transformers' layout
+    holds. A tensor it leaves alone comes back as the same array object, so callers can ask with an
+    empty array whether a tensor changes (a tensor left alone can be converted a few rows at a time)."""
+
+    def __init__(self, architecture: str, config: dict):
+        self.architecture = architecture
+        self.heads = config.get("num_attention_heads")
+        self.kv_heads = config.get("num_key_value_heads")
+
+    def process(self, weights: np.ndarray, name: str, **_) -> Processed:
+        if self.architecture == "gemma3" and "norm.weight" in name:
+            return Processed(weights - 1, name)  # stored as 1 + w
+        if self.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = self.heads if ".attn_q." in name else self.kv_heads
+            if heads:
+                return Processed(unpermute_rows(weights, heads), name)
+        return Processed(weights, name)
+
+
+def unpermute_rows(weights: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: within each head, rows (0, 1, 2, ...) of the rotate-half
+    layout are stored interleaved as pairs (0, half, 1, half + 1, ...)."""
+    half = weights.shape[0] // heads // 2
+    stored = weights.reshape(heads, half, 2, *weights.shape[1:])
+    return stored.swapaxes(1, 2).reshape(weights.shape)
