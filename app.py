@@ -2,32 +2,50 @@
 
 Run `python app.py --help` for the options. This module holds UI and wiring only; the work is
 done by inference.service.ChatService.
+
+Gradio is imported by `import_gradio`, not with this module: `python app.py` serves /health, /v1 and /api
+as soon as the model service has started, and mounts the web UI on the same port once Gradio (~6 s here)
+has loaded and the UI is built (README, "Starting up"). Every function below that uses `gr` runs after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
 import logging
 import os
+import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
-import gradio as gr
-from gradio import FileData
-from gradio.route_utils import FnIndexInferError
-
 from inference.config import AppConfig, config_from_args, exposure_warning, log_level
-from inference.http import BodySizeLimit
 from inference.service import ChatService, ServiceError
 from models.catalog import BASE_MODEL_NOTE
 from sessions import LOCAL_USER
 from parsers.units import format_bytes
 
 log = logging.getLogger("app")
+
+gr = FileData = FnIndexInferError = None  # set by import_gradio()
+
+
+def import_gradio() -> None:
+    """Import Gradio (once; its analytics off first: a local app makes no calls home)."""
+    global gr, FileData, FnIndexInferError
+    if gr is None:
+        _no_telemetry()
+        import gradio
+        from gradio import FileData as file_data
+        from gradio.route_utils import FnIndexInferError as unknown_endpoint
+
+        FileData, FnIndexInferError = file_data, unknown_endpoint
+        gr = gradio
 
 STREAM_INTERVAL_S = 0.1  # UI updates at most 10 per second: each one re-renders the whole reply
 CSS = """
@@ -793,8 +811,8 @@ class ExportGuard:
 
     FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")
 
-    def __init__(self, app, service: ChatService, gradio_app):
-        self.app, self.service, self.gradio_app = app, service, gradio_app
+    def __init__(self, app, service: ChatService, ui: "UiState"):
+        self.app, self.service, self.ui = app, service, ui
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -812,7 +830,7 @@ class ExportGuard:
         """Who is logged in, as Gradio's own /gradio_api/user tells it (its session cookie)."""
         from starlette.requests import HTTPConnection
 
-        gradio_app = self.gradio_app
+        gradio_app = self.ui.gradio_app
         if gradio_app is None:
             return None
         if getattr(gradio_app, "auth", None) is None and getattr(gradio_app, "auth_dependency", None) is None:
@@ -833,30 +851,163 @@ def queued_ui(service: ChatService) -> gr.Blocks:
     return demo
 
 
-def create_app(service: ChatService):
-    """FastAPI app: /health and /v1 beside the Gradio UI, on one port."""
+@dataclass
+class UiState:
+    """The web UI of one app: "starting" until it is mounted, then "ready" (or "failed", with why)."""
+
+    status: str = "starting"
+    error: str = ""
+    gradio_app: object = None  # Gradio's own ASGI app, once mounted
+    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, while it runs
+    lifespan: contextlib.AsyncExitStack | None = None  # holds the mounted UI's lifespan until shutdown
+    pending: list = field(default_factory=list)  # UI start-ups for the server's start (a UI mounted before it)
+
+
+def create_app(service: ChatService, ui: bool = True):
+    """FastAPI app: /health, /v1 and /api beside the Gradio UI, on one port.
+
+    `ui=False` leaves the UI to `start_ui`, once the server runs: `serve` answers the HTTP API while Gradio
+    loads. Until the UI is mounted every other path answers 503 with a page that reloads itself.
+    """
     from fastapi import FastAPI
 
     from inference.http import create_router
 
     config = service.config
-    _no_telemetry()
+    state = UiState()
     app = FastAPI(title="Local LLM", docs_url=None, redoc_url=None)
-    app.include_router(create_router(service, config.api_key))
+    app.state.ui = state
+    app.include_router(create_router(service, config.api_key, health=lambda: {"ui": state.status}))
+    app.router.default = _ui_placeholder(state)
+    _keep_server_loop(app, state)
+    app.add_middleware(ExportGuard, service=service, ui=state)
+    add_body_limits(app, config)  # added last, so it runs first: nothing is read before it
+    if ui:
+        mount_ui(app, build_gradio_app(service))
+    return app
+
+
+def build_gradio_app(service: ChatService):
+    """The Gradio UI and API as an ASGI app of their own (imports Gradio; ~6 s the first time here)."""
+    from fastapi import FastAPI
+
+    import_gradio()
+    config = service.config
     demo = queued_ui(service)
-    app = gr.mount_gradio_app(app, demo, path="", auth=config.auth or None, css=CSS,
-                              theme=gr.themes.Soft(), show_error=True, max_file_size=config.max_upload_bytes,
-                              footer_links=["api"])
+    holder = gr.mount_gradio_app(FastAPI(), demo, path="", auth=config.auth or None, css=CSS,
+                                 theme=gr.themes.Soft(), show_error=True, max_file_size=config.max_upload_bytes,
+                                 footer_links=["api"])
     # Gradio checks that a file input names a file its upload route wrote (not any path on the server) only
     # once the app "has launched"; launch() sets that, mount_gradio_app does not. Set it as launch() would.
     demo.has_launched = True
-    for gradio_app in mounted_gradio_apps(app):  # an unknown api_name is a 404, not an internal server error
-        gradio_app.add_exception_handler(FnIndexInferError, _unknown_endpoint)
+    gradio_app = mounted_gradio_apps(holder)[0]
+    gradio_app.add_exception_handler(FnIndexInferError, _unknown_endpoint)  # an unknown api_name is a 404
     service.keep_exports_in(exports_folder())
-    gradio_apps = mounted_gradio_apps(app)
-    app.add_middleware(ExportGuard, service=service, gradio_app=gradio_apps[0] if gradio_apps else None)
-    add_body_limits(app, config)  # added last, so it runs first: nothing is read before it
-    return app
+    return gradio_app
+
+
+def mount_ui(app, gradio_app) -> None:
+    """Mount `gradio_app` at the root of `app`. Gradio's queue and lifespan start as `gr.mount_gradio_app`
+    starts them: with the server's start-up if it has not started, at once on its event loop if it runs."""
+    state: UiState = app.state.ui
+
+    async def start() -> None:
+        await state.lifespan.enter_async_context(gradio_app.router.lifespan_context(gradio_app))
+        blocks = gradio_app.get_blocks()
+        blocks.run_startup_events()
+        await blocks.run_extra_startup_events()
+
+    if state.loop is None:
+        state.pending.append(start)
+    else:
+        asyncio.run_coroutine_threadsafe(start(), state.loop).result(timeout=60)
+    app.mount("", gradio_app)
+    state.gradio_app, state.status = gradio_app, "ready"
+
+
+def _keep_server_loop(app, state: UiState) -> None:
+    """Around the app's lifespan: note the server's event loop (for a UI mounted later), start a UI
+    mounted before the server, and keep the UI's lifespan open until the server shuts down."""
+    previous = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(asgi_app):
+        async with previous(asgi_app) as inner, contextlib.AsyncExitStack() as stack:
+            state.lifespan = stack
+            for start in state.pending:
+                await start()
+            state.pending.clear()
+            state.loop = asyncio.get_running_loop()
+            try:
+                yield inner
+            finally:
+                state.loop = None
+
+    app.router.lifespan_context = lifespan
+
+
+def _ui_placeholder(state: UiState):
+    """What any path outside the HTTP API answers before the UI is mounted (after, the UI's mount takes
+    them all): 503 and a page that reloads itself while the UI starts, 500 saying why if it failed."""
+    from starlette.responses import HTMLResponse, Response
+
+    async def placeholder(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1013})  # try again later
+            return
+        if state.status == "failed":
+            body, status, headers = f"The chat UI could not start: {state.error}. The HTTP API still serves.", 500, {}
+        else:
+            body, status, headers = STARTING_PAGE, 503, {"Retry-After": "2"}
+        wants_html = "text/html" in dict(scope.get("headers", [])).get(b"accept", b"").decode("latin-1")
+        response = HTMLResponse(body, status, headers) if wants_html else Response(body, status, headers,
+                                                                                  media_type="text/plain")
+        await response(scope, receive, send)
+
+    return placeholder
+
+
+STARTING_PAGE = ("<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='2'>"
+                 "<title>Local LLM: starting</title></head><body style='font-family:system-ui,sans-serif;"
+                 "text-align:center;margin-top:20vh'><p>The chat UI is starting&hellip; this page reloads itself."
+                 "</p><p style='opacity:.7'>The HTTP API (/v1, /api, /health) already answers.</p></body></html>")
+
+
+def start_ui(app, service: ChatService, server, stopped: threading.Event) -> None:
+    """Build and mount the UI once `server` listens, the default model's preload has settled and the
+    engine has had nothing to do for `UI_AFTER_IDLE_S` (importing Gradio takes both cores' share of the
+    interpreter for seconds: the first requests, and the model they need, go first; `UI_WAIT_S` at most).
+    Gives up quietly if the server stops first. Runs on its own thread."""
+    while not getattr(server, "started", False):
+        if stopped.wait(0.05) or getattr(server, "should_exit", False):
+            return
+    deadline, quiet_since = time.monotonic() + UI_WAIT_S, None
+    while time.monotonic() < deadline:
+        if service.health()["loading"] or not service.engine.idle:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= UI_AFTER_IDLE_S:
+            break
+        if stopped.wait(0.05):
+            return
+    began = time.perf_counter()
+    try:
+        gradio_app = build_gradio_app(service)
+        if stopped.is_set():  # the server stopped while Gradio loaded
+            return
+        mount_ui(app, gradio_app)
+    except Exception as error:  # the HTTP API keeps serving; the placeholder says why
+        app.state.ui.error, app.state.ui.status = f"{type(error).__name__}: {error}", "failed"
+        if not stopped.is_set():
+            log.exception("the chat UI could not start")
+        return
+    log.info("chat UI ready on http://%s:%d (Gradio loaded and the UI built in %.1f s)",
+             service.config.host, service.config.port, time.perf_counter() - began)
+
+
+UI_AFTER_IDLE_S = 0.3  # the UI starts building once the engine and the model loads have been idle this long
+UI_WAIT_S = 60.0  # ... or this long after the server started listening, whatever they do
 
 
 UPLOAD_ROUTES = ("/gradio_api/upload",)  # Gradio's upload route: the only one that takes files
@@ -865,6 +1016,8 @@ UPLOAD_ROUTES = ("/gradio_api/upload",)  # Gradio's upload route: the only one t
 def add_body_limits(app, config: AppConfig) -> None:
     """Every request body is bounded before it is read and before any login check: a few MiB (sized from
     --max-prompt-chars) everywhere, --max-upload on the upload route. A huge POST gets 413, not read."""
+    from inference.http import BodySizeLimit
+
     app.add_middleware(BodySizeLimit, **_body_limit_options(config))
 
 
@@ -900,20 +1053,25 @@ def main(argv: list[str] | None = None) -> None:
 def serve(service: ChatService, open_tunnel=None) -> None:
     """Serve `create_app`'s app with `make_server` until Ctrl-C or SIGTERM, then close the service.
 
-    --share takes the same path: the same app (middleware, limits, handlers) on the same server, and once
-    it listens, Gradio's share tunnel to its port (`open_tunnel(host, port, demo)` returns the public URL;
-    tests pass their own, since the real one needs the internet).
+    The HTTP API answers as soon as the server listens; the UI is built on a thread meanwhile and mounted
+    when ready (`start_ui`). --share takes the same path: the same app (middleware, limits, handlers) on the
+    same server, and once the UI is up, Gradio's share tunnel to its port (`open_tunnel(host, port, demo)`
+    returns the public URL; tests pass their own, since the real one needs the internet).
     """
     config = service.config
-    app = create_app(service)
+    app = create_app(service, ui=False)
     server = make_server(app, config.host, config.port)
+    stopped = threading.Event()
+    threading.Thread(target=start_ui, args=(app, service, server, stopped), name="ui-start", daemon=True).start()
     if config.share:
         _share_when_started(server, app, config, open_tunnel or open_share_tunnel)
-    log.info("serving on http://%s:%d", config.host, config.port)
+    log.info("serving the HTTP API on http://%s:%d; the chat UI follows there once Gradio has loaded",
+             config.host, config.port)
     try:
         with _sigterm_ends_cleanly():
             server.run()
     finally:
+        stopped.set()
         service.close()
         log.info("closed: the server stopped and the service shut down")
 
@@ -924,7 +1082,6 @@ def _sigterm_ends_cleanly():
     that handler end the process with status 0 through the `finally` blocks (the service's close), instead
     of the default one that kills it on the spot."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -941,13 +1098,14 @@ def _sigterm_ends_cleanly():
 
 
 def _share_when_started(server, app, config: AppConfig, open_tunnel) -> None:
-    """Open the public link once `server` listens (on a thread: the server runs on this one)."""
-    import threading
+    """Open the public link once `server` listens and the UI is mounted (on a thread: the server runs on
+    this one)."""
+    state: UiState = app.state.ui
 
     def share():
-        while not server.started and not server.should_exit:
+        while not (server.started and state.status != "starting") and not server.should_exit:
             time.sleep(0.05)
-        if server.should_exit:
+        if server.should_exit or state.status != "ready":
             return
         demos = [gradio_app.get_blocks() for gradio_app in mounted_gradio_apps(app)]
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
@@ -992,8 +1150,10 @@ def make_server(app, host: str, port: int, **options):
 
 
 def mounted_gradio_apps(app) -> list:
-    from gradio.routes import App
-
+    """The Gradio apps mounted in `app` (none, without importing Gradio, before it is imported)."""
+    App = getattr(sys.modules.get("gradio.routes"), "App", None)  # (a Gradio still importing has none mounted)
+    if App is None:
+        return []
     return [route.app for route in getattr(app, "routes", []) if isinstance(getattr(route, "app", None), App)]
 
 

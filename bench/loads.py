@@ -13,6 +13,8 @@ Phases (all relative to `start`, after the imports):
            it serves)
         -> loaded (weights and tokenizer ready) -> first_token (first text of a reply)
 then the child finishes a short reply, collects garbage, waits a second and reports steady memory.
+
+`measure_app_process` times `python app.py` itself from the outside (/health, a /v1 stream, the UI).
 """
 
 from __future__ import annotations
@@ -188,6 +190,73 @@ def _load_figures(events: dict, samples: list[tuple[float, int]], spawned: float
         # what loading the model (weights and tokenizer) and one short reply added to the started service
         "model_growth_mib": _mib(steady_rss - started_rss) if steady_rss and started_rss else None,
     }
+
+
+# ----- the whole app -----------------------------------------------------------------------------
+def measure_app_process(data_dir: str, model_id: str, timeout_s: float = 120.0) -> dict:
+    """`python app.py` as a user starts it (caches as they are in `data_dir`): seconds from the spawn
+    until /health answers, until the default model is ready, until the first text of a /v1 streamed reply
+    sent then, and until the web UI is mounted (/health's "ui")."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    spawned = time.time()
+    proc = subprocess.Popen([sys.executable, "app.py", "--data-dir", data_dir, "--port", str(port),
+                             "--idle-unload", "off"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+    threading.Thread(target=_read_tail, args=(proc.stderr, tail), daemon=True).start()
+    figures: dict = {"ok": False, "error": None}
+    try:
+        health = _poll_health(url, proc, spawned, timeout_s, lambda h: h.get("ready"), figures, "api_s")
+        figures["ready_s"] = round(time.time() - spawned, 4)
+        body = {"model": model_id, "messages": PROMPT, "max_tokens": 16, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    figures["first_token_s"] = round(time.time() - spawned, 4)
+                    break
+        if health.get("ui") != "ready":
+            _poll_health(url, proc, spawned, timeout_s, lambda h: h.get("ui") == "ready", figures, None)
+        figures["ui_s"] = round(time.time() - spawned, 4)
+        figures["ok"] = "first_token_s" in figures
+    except Exception as error:  # noqa: BLE001 - reported, not raised: the other figures still print
+        figures["error"] = f"{type(error).__name__}: {error} | " + " | ".join(tail[-5:])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return figures
+
+
+def _poll_health(url: str, proc, spawned: float, timeout_s: float, done, figures: dict,
+                 first_answer: str | None) -> dict:
+    """Poll /health every 20 ms until `done(body)`; note when it first answered (seconds from `spawned`)
+    as `figures[first_answer]`."""
+    import httpx
+
+    while time.time() < spawned + timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}")
+        try:
+            body = httpx.get(f"{url}/health", timeout=2).json()
+        except httpx.HTTPError:
+            time.sleep(POLL_S)
+            continue
+        if first_answer and first_answer not in figures:
+            figures[first_answer] = round(time.time() - spawned, 4)
+        if done(body):
+            return body
+        time.sleep(POLL_S)
+    raise TimeoutError("app.py did not get there in time")
 
 
 def _mib(value: int | None) -> float | None:

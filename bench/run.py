@@ -121,6 +121,10 @@ def run_all(args, work: Path, notes: list[str]) -> dict:
         step(f"warm load {i + 1}/{args.warm_runs} (fresh process, caches present)")
         warm_runs.append(loads.measure_load(["app", str(cold_dir), MODEL_ID]))
     warm = merge_runs(warm_runs)
+    app_runs = []
+    for i in range(args.warm_runs):
+        step(f"python app.py {i + 1}/{args.warm_runs} (fresh process, caches present): /health, first /v1 token, UI")
+        app_runs.append(loads.measure_app_process(str(cold_dir), MODEL_ID))
     cold["peak_over_warm_steady"] = ratio_or_none(cold.get("peak_rss_mib"), warm.get("steady_rss_mib"))
     if not gguf.exists():
         raise SystemExit(f"the cold start did not produce {gguf}: {cold.get('error')}")
@@ -140,7 +144,8 @@ def run_all(args, work: Path, notes: list[str]) -> dict:
         "baseline": {**served.pop("baseline"), "load_skipped": baseline_load is None, "load": baseline_load,
                      "load_to_first_token_s": (baseline_load or {}).get("start_to_first_token_s")},
         **served,
-        "load": {"cold": cold, "warm": warm, "warm_runs": warm_runs, "hot_swap_s": served["hot_swap"]["hot_swap_s"]},
+        "load": {"cold": cold, "warm": warm, "warm_runs": warm_runs, "hot_swap_s": served["hot_swap"]["hot_swap_s"],
+                 "app": merge_runs(app_runs), "app_runs": app_runs},
     }
 
 

@@ -23,7 +23,7 @@ def fake_results() -> dict:
                         "8": {"aggregate_tok_s": 60.0, "ttft_p50_s": 0.9, "ttft_p95_s": 1.5, "itl_p50_s": 0.13}},
         "followup": {"history_tokens": 2000, "ttft_cached_s": 0.5, "ttft_uncached_s": 20.0, "first_turn_ttft_s": 20.0},
         "load": {"cold": {**load, "start_to_first_token_s": 14.0, "peak_over_warm_steady": 1.1}, "warm": load,
-                 "hot_swap_s": 3.0},
+                 "hot_swap_s": 3.0, "app": {"ok": True, "api_s": 3.5, "ready_s": 3.6, "first_token_s": 3.9, "ui_s": 9.0}},
     }
 
 
@@ -44,8 +44,10 @@ def test_ratios_targets_and_table():
     assert verdicts["single_stream_decode"] is True  # 20 tok/s against 10
     assert verdicts["aggregate_8"] is False  # 6x, under 8x
     assert verdicts["warm_load"] is False and verdicts["warm_load_running"] is True
+    assert verdicts["app_first_token_4s"] is True  # 3.9 s
     assert set(verdicts) == set(report.TARGETS)
     assert result["ratios"]["sampled_decode_vs_engine"] == 0.95
     text = report.table(result)
     assert "Targets" in text and "a note" in text and "engine, chat sampling" in text
+    assert "first /v1 token at 3.900 s, web UI at 9.000 s" in text
     json.dumps(result)

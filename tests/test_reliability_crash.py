@@ -46,11 +46,13 @@ class AppProcess:
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, log_path: Path) -> None:
+        """Until /health answers and says the web UI (the Gradio API this test drives) is mounted."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.process.poll() is None, log_path.read_text(errors="replace")[-3000:]
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                response = httpx.get(f"{self.url}/health", timeout=2)
+                if response.status_code == 200 and response.json()["ui"] == "ready":
                     return
             except httpx.HTTPError:
                 pass

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -60,8 +60,10 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def create_router(service, workers: ThreadPoolExecutor, api_key: str | None = None) -> APIRouter:
-    """The /v1 routes and /health; `workers` run admitted generations (streams.worker_pool)."""
+def create_router(service, workers: ThreadPoolExecutor, api_key: str | None = None,
+                  health_extra: Callable[[], dict] | None = None) -> APIRouter:
+    """The /v1 routes and /health; `workers` run admitted generations (streams.worker_pool);
+    `health_extra` adds the server's own fields to /health."""
     config = service.config
     router = APIRouter()
 
@@ -72,7 +74,7 @@ def create_router(service, workers: ThreadPoolExecutor, api_key: str | None = No
 
     @router.get("/health")
     def health() -> dict:
-        return {"status": "ok", **service.health()}
+        return {"status": "ok", **service.health(), **(health_extra() if health_extra else {})}
 
     @router.get("/v1/models")
     def list_models(request: Request):
