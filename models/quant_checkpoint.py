@@ -15,7 +15,7 @@ what it needs instead of converting anything.
 An int8 output projection over a large vocabulary can also have `<name>.coarse.packed` /
 `.coarse.scales_zeros`, an int4 rounding of it for `ShortlistHead`, in `coarse.safetensors` beside it:
 built by the first load that uses the shortlist (torch's kernels on a CPU without native bfloat16), not
-by the conversion, whose first start it would slow by ~1.5 s for a head most CPUs never use.
+by the conversion, whose first start it slowed by ~1 s (~4 s of one core) for a head most CPUs never use.
 """
 
 from __future__ import annotations
