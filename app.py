@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import html
 import inspect
 import logging
 import os
@@ -384,6 +385,7 @@ def settings_values(session: dict, config: AppConfig) -> tuple:
 
 def build_ui(service: ChatService) -> gr.Blocks:
     """The page: chats in the sidebar, the conversation, and Files / Settings / Models tabs beside it."""
+    import_gradio()
     with gr.Blocks(title="Local LLM", fill_height=True, fill_width=True) as demo:
         ui = SimpleNamespace(last_session=gr.BrowserState(None, storage_key="local-llm-last-session"),
                              current=gr.State(None))
@@ -858,9 +860,10 @@ class UiState:
     status: str = "starting"
     error: str = ""
     gradio_app: object = None  # Gradio's own ASGI app, once mounted
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the two fields below
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, while it runs
-    lifespan: contextlib.AsyncExitStack | None = None  # holds the mounted UI's lifespan until shutdown
-    pending: list = field(default_factory=list)  # UI start-ups for the server's start (a UI mounted before it)
+    stop: asyncio.Event | None = None  # set when the server shuts down: the UI's lifespan ends
+    tasks: list = field(default_factory=list)  # each running UI lifespan (`_run_ui`)
 
 
 def create_app(service: ChatService, ui: bool = True):
@@ -894,9 +897,11 @@ def build_gradio_app(service: ChatService):
     import_gradio()
     config = service.config
     demo = queued_ui(service)
+    # Mounted in a FastAPI of its own, then in ours by `mount_ui` (which starts it as this would). No
+    # server-side rendering: it starts a Node server (and signal handlers, main thread only) for nothing.
     holder = gr.mount_gradio_app(FastAPI(), demo, path="", auth=config.auth or None, css=CSS,
                                  theme=gr.themes.Soft(), show_error=True, max_file_size=config.max_upload_bytes,
-                                 footer_links=["api"])
+                                 footer_links=["api"], ssr_mode=False)
     # Gradio checks that a file input names a file its upload route wrote (not any path on the server) only
     # once the app "has launched"; launch() sets that, mount_gradio_app does not. Set it as launch() would.
     demo.has_launched = True
@@ -910,38 +915,56 @@ def mount_ui(app, gradio_app) -> None:
     """Mount `gradio_app` at the root of `app`. Gradio's queue and lifespan start as `gr.mount_gradio_app`
     starts them: with the server's start-up if it has not started, at once on its event loop if it runs."""
     state: UiState = app.state.ui
-
-    async def start() -> None:
-        await state.lifespan.enter_async_context(gradio_app.router.lifespan_context(gradio_app))
-        blocks = gradio_app.get_blocks()
-        blocks.run_startup_events()
-        await blocks.run_extra_startup_events()
-
-    if state.loop is None:
-        state.pending.append(start)
-    else:
-        asyncio.run_coroutine_threadsafe(start(), state.loop).result(timeout=60)
+    with state.lock:
+        state.gradio_app, loop = gradio_app, state.loop
+    if loop is not None:
+        asyncio.run_coroutine_threadsafe(_start_ui(state, gradio_app), loop).result(timeout=60)
     app.mount("", gradio_app)
-    state.gradio_app, state.status = gradio_app, "ready"
+    state.status = "ready"
+
+
+async def _start_ui(state: UiState, gradio_app) -> None:
+    """Start `gradio_app`'s lifespan and queue in a task of their own that lasts until the server stops
+    (a lifespan is entered and left in one task), once they are up."""
+    started = asyncio.get_running_loop().create_future()
+    state.tasks.append(asyncio.create_task(_run_ui(gradio_app, started, state.stop)))
+    await started
+
+
+async def _run_ui(gradio_app, started: asyncio.Future, stop: asyncio.Event) -> None:
+    try:
+        async with gradio_app.router.lifespan_context(gradio_app):
+            blocks = gradio_app.get_blocks()
+            blocks.run_startup_events()
+            await blocks.run_extra_startup_events()
+            started.set_result(None)
+            await stop.wait()
+    except BaseException as error:
+        if not started.done():
+            started.set_exception(error)
+        raise
 
 
 def _keep_server_loop(app, state: UiState) -> None:
-    """Around the app's lifespan: note the server's event loop (for a UI mounted later), start a UI
-    mounted before the server, and keep the UI's lifespan open until the server shuts down."""
+    """Around the app's lifespan (each time the server starts): note the server's event loop (for a UI
+    mounted later), start a UI mounted before, and end the UI's lifespan when the server shuts down."""
     previous = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(asgi_app):
-        async with previous(asgi_app) as inner, contextlib.AsyncExitStack() as stack:
-            state.lifespan = stack
-            for start in state.pending:
-                await start()
-            state.pending.clear()
-            state.loop = asyncio.get_running_loop()
+        async with previous(asgi_app) as inner:
+            with state.lock:  # a UI mounted from now on starts on this loop; one mounted before, here
+                state.loop, state.stop, gradio_app = asyncio.get_running_loop(), asyncio.Event(), state.gradio_app
+            if gradio_app is not None:
+                await _start_ui(state, gradio_app)
             try:
                 yield inner
             finally:
-                state.loop = None
+                with state.lock:
+                    state.loop = None
+                state.stop.set()
+                await asyncio.gather(*state.tasks, return_exceptions=True)
+                state.tasks.clear()
 
     app.router.lifespan_context = lifespan
 
@@ -956,11 +979,13 @@ def _ui_placeholder(state: UiState):
             await send({"type": "websocket.close", "code": 1013})  # try again later
             return
         if state.status == "failed":
-            body, status, headers = f"The chat UI could not start: {state.error}. The HTTP API still serves.", 500, {}
+            text, status, headers = f"The chat UI could not start ({state.error}); the HTTP API still serves.", 500, {}
+            page = f"<!doctype html><p>{html.escape(text)}</p>"
         else:
-            body, status, headers = STARTING_PAGE, 503, {"Retry-After": "2"}
+            text, status, headers = "The chat UI is starting; the HTTP API already answers.", 503, {"Retry-After": "2"}
+            page = STARTING_PAGE
         wants_html = "text/html" in dict(scope.get("headers", [])).get(b"accept", b"").decode("latin-1")
-        response = HTMLResponse(body, status, headers) if wants_html else Response(body, status, headers,
+        response = HTMLResponse(page, status, headers) if wants_html else Response(text, status, headers,
                                                                                   media_type="text/plain")
         await response(scope, receive, send)
 
@@ -977,33 +1002,42 @@ def start_ui(app, service: ChatService, server, stopped: threading.Event) -> Non
     """Build and mount the UI once `server` listens, the default model's preload has settled and the
     engine has had nothing to do for `UI_AFTER_IDLE_S` (importing Gradio takes both cores' share of the
     interpreter for seconds: the first requests, and the model they need, go first; `UI_WAIT_S` at most).
-    Gives up quietly if the server stops first. Runs on its own thread."""
+    Gives up quietly if the server stops first. Runs on its own thread; whatever fails, the UI's state
+    says so ("failed") and the HTTP API keeps serving."""
+    try:
+        if not _wait_to_build_ui(service, server, stopped):
+            return
+        began = time.perf_counter()
+        gradio_app = build_gradio_app(service)
+        if stopped.is_set():  # the server stopped while Gradio loaded
+            return
+        mount_ui(app, gradio_app)
+    except Exception as error:
+        app.state.ui.error, app.state.ui.status = f"{type(error).__name__}: {error}", "failed"
+        if not stopped.is_set():
+            log.exception("the chat UI could not start; the HTTP API keeps serving")
+        return
+    log.info("chat UI ready on http://%s:%d (Gradio loaded and the UI built in %.1f s)",
+             service.config.host, service.config.port, time.perf_counter() - began)
+
+
+def _wait_to_build_ui(service: ChatService, server, stopped: threading.Event) -> bool:
+    """Until the server listens and the service has been idle `UI_AFTER_IDLE_S` (at most `UI_WAIT_S`);
+    False if the server stopped first."""
     while not getattr(server, "started", False):
         if stopped.wait(0.05) or getattr(server, "should_exit", False):
-            return
+            return False
     deadline, quiet_since = time.monotonic() + UI_WAIT_S, None
     while time.monotonic() < deadline:
-        if service.health()["loading"] or not service.engine.idle:
+        if service.busy():
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= UI_AFTER_IDLE_S:
             break
         if stopped.wait(0.05):
-            return
-    began = time.perf_counter()
-    try:
-        gradio_app = build_gradio_app(service)
-        if stopped.is_set():  # the server stopped while Gradio loaded
-            return
-        mount_ui(app, gradio_app)
-    except Exception as error:  # the HTTP API keeps serving; the placeholder says why
-        app.state.ui.error, app.state.ui.status = f"{type(error).__name__}: {error}", "failed"
-        if not stopped.is_set():
-            log.exception("the chat UI could not start")
-        return
-    log.info("chat UI ready on http://%s:%d (Gradio loaded and the UI built in %.1f s)",
-             service.config.host, service.config.port, time.perf_counter() - began)
+            return False
+    return True
 
 
 UI_AFTER_IDLE_S = 0.3  # the UI starts building once the engine and the model loads have been idle this long
@@ -1105,7 +1139,10 @@ def _share_when_started(server, app, config: AppConfig, open_tunnel) -> None:
     def share():
         while not (server.started and state.status != "starting") and not server.should_exit:
             time.sleep(0.05)
-        if server.should_exit or state.status != "ready":
+        if server.should_exit:
+            return
+        if state.status != "ready":
+            log.error("no share link: the chat UI did not start (%s)", state.error)
             return
         demos = [gradio_app.get_blocks() for gradio_app in mounted_gradio_apps(app)]
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host

@@ -222,6 +222,10 @@ class ChatService:
         self.update_session(owner, session_id, model_id=model_id)
         return record
 
+    def busy(self) -> bool:
+        """Whether a model is loading or a generation runs or waits (cheap: no catalog scan)."""
+        return bool(self.manager.loading()) or not self.engine.idle
+
     def health(self) -> dict:
         """What /health reports: whether a model can answer now, and which are loading (with progress)."""
         models = self.list_models()

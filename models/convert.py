@@ -55,8 +55,8 @@ _imported: set[str] = set()
 
 def import_transformers(tokenizers: bool = False) -> None:
     """Import the parts of transformers the app uses, once, under one lock: its lazy module is not safe
-    to import from two threads at once, and models load in parallel. The GGUF tables, config and model
-    classes, cache; with `tokenizers`, its fast tokenizer and GGUF tokenizer builders (~1.3 s more).
+    to import from two threads at once, and models load in parallel. Its config and model classes and
+    cache; with `tokenizers`, its fast tokenizer and GGUF tokenizer builders (~1.3 s more).
     A quantized Gemma model needs none of it, converting or loading."""
     with _IMPORT_LOCK:
         if "core" not in _imported:
@@ -398,7 +398,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             return f"{name} is damaged ({exc})"
-    return _tokenizer_problem(folder) or _safetensors_problem(folder / "model.safetensors")
+    return _tokenizer_problem(folder) or safetensors_problem(folder / "model.safetensors")
 
 
 def _tokenizer_problem(folder: Path) -> str | None:
@@ -415,20 +415,23 @@ def _tokenizer_problem(folder: Path) -> str | None:
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file at `path` is damaged (a header that does not parse, a size that is not
+    the one its header gives), or None."""
+    name = path.name
     try:
+        size = path.stat().st_size
         with path.open("rb") as handle:
             (head_len,) = struct.unpack("<Q", handle.read(8))
             if head_len > size - 8:
-                return "model.safetensors is cut short"
+                return f"{name} is cut short"
             head = json.loads(handle.read(head_len))
         ends = [entry["data_offsets"][1] for key, entry in head.items() if key != "__metadata__"]
     except (OSError, ValueError, struct.error, AttributeError, KeyError, TypeError, IndexError) as exc:
-        return f"model.safetensors has a damaged header ({exc})"
+        return f"{name} has a damaged header ({exc})"
     expected = 8 + head_len + max(ends, default=0)
     if size != expected:
-        return f"model.safetensors is {size:,} bytes, its header says {expected:,}"
+        return f"{name} is {size:,} bytes, its header says {expected:,}"
     return None
 
 

@@ -5,9 +5,10 @@ A first conversion used to import transformers (1.45 s here: its GGUF tables and
 three small tables, and gguf-py for its tensor-name table. For Llama, Qwen 2 and Gemma 3 they are short
 and fixed:
 
-- the config: llama.cpp's metadata keys mapped to transformers' config keys (the same mapping
-  transformers' GGUF loader uses), over the defaults of transformers' config classes for what a GGUF
-  does not say, in the shape transformers' `save_pretrained` writes (`config.json`);
+- the config: llama.cpp's metadata keys mapped to transformers' config keys (the mapping table of
+  transformers' GGUF loader), over the defaults of transformers' config classes for what a GGUF does not
+  say, in the shape transformers' `save_pretrained` writes (`config.json`): the config this converter has
+  built since it began (transformers' loader also renames some llama-named models, which it never did);
 - the names: `blk.N.attn_q.weight` is `model.layers.N.self_attn.q_proj.weight`, and so on;
 - the fix-ups: llama.cpp stores Llama's q/k rows permuted for its interleaved rotary layout (undone
   here), and Gemma's norm weights as 1 + w (transformers' Gemma keeps w).

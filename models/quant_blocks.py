@@ -108,7 +108,8 @@ def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----- dequantization -----------------------------------------------------------------------------
-# Every type a GGUF of ours holds, computed as gguf-py's numpy code computes it (the same float32
+# The block types of llama.cpp's common quantizations (Q4_K_M, Q4_0, Q5_0, Q8_0, F16, ...) computed as
+# gguf-py's numpy code computes them (the same float32
 # operations in the same order, so the values are bit for bit equal; tests check it), so a first
 # conversion needs no gguf-py, and Q5_0 / Q8_0 take about half its time (bench/RESULTS.md). Other types
 # go to gguf-py.

@@ -26,6 +26,7 @@ import math
 import os
 import struct
 import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from .convert import (CHUNK_BYTES, MODEL_BUILD_LOCK, UnsupportedModel, WeightPlan, WeightSlot, _piece_bytes,
-                      import_transformers, plan_weights, read_rows)
+                      import_transformers, plan_weights, read_rows, safetensors_problem)
 from .gguf_file import GGUFHeader
 from .native_kernels import pack_nibbles
 from .progress import ProgressFn
@@ -221,20 +222,21 @@ def coarse_tensors(folder: Path, tensors: dict) -> dict[str, torch.Tensor]:
     wanted = [name for name in _coarse_tables(tensors) if name + ".coarse.packed" not in tensors]
     if not wanted:
         return {}
-    path = folder / COARSE_FILE
-    if path.is_file():
-        try:
-            found = map_safetensors(path)
-            if all(name + ".coarse.packed" in found for name in wanted):
-                return found
-        except (OSError, ValueError, KeyError) as error:
-            log.warning("rebuilding %s: %s", path, error)
     parts, offset = [], 0
     for name in wanted:
         rows, cols = tensors[name + ".q"].shape
         for part in _int4_parts(name + ".coarse", rows, cols, nibbles=False):
             parts.append(Part(part.name, part.dtype, part.shape, offset, offset + part.nbytes))
             offset += part.nbytes
+    path = folder / COARSE_FILE
+    if path.is_file():  # kept by an earlier load: used if whole and of these tables' shapes, rebuilt if not
+        problem = safetensors_problem(path)
+        if problem is None:
+            found = map_safetensors(path)
+            if all(part.name in found and tuple(found[part.name].shape) == part.shape for part in parts):
+                return found
+            problem = "its tables do not fit this checkpoint's"
+        log.warning("rebuilding %s: %s", path, problem)
     try:
         _write_coarse_file(path, parts, tensors, wanted)
     except OSError as error:  # a read-only or full cache: build it in memory this once
@@ -259,19 +261,22 @@ def _write_coarse_file(path: Path, parts: list[Part], tensors: dict, names: list
     """Write the coarse tables as a safetensors file at `path`, atomically (beside it, then renamed)."""
     by_name = {part.name: part for part in parts}
     head = _header_bytes(parts)
+    jobs = [(name, rows) for name in names for rows in _coarse_ranges(*tensors[name + ".q"].shape)]
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(max_workers=2) as pool:
             out.write(head)
-            for name in names:
-                rows, cols = tensors[name + ".q"].shape
-                ranges = _coarse_ranges(rows, cols)
-                for first_last, (packed, scales_zeros) in zip(ranges, pool.map(
-                        lambda r, name=name: _coarse_rows(tensors, name, r), ranges)):
-                    for part, data in ((by_name[name + ".coarse.packed"], packed),
-                                       (by_name[name + ".coarse.scales_zeros"], scales_zeros)):
-                        out.seek(len(head) + part.begin + first_last[0] * part.row_bytes)
-                        out.write(data.tobytes())
+            pending = deque(pool.submit(_coarse_rows, tensors, *job) for job in jobs[:2])  # two pieces ahead
+            for position, (name, rows) in enumerate(jobs):
+                packed, scales_zeros = pending.popleft().result()
+                if position + 2 < len(jobs):
+                    pending.append(pool.submit(_coarse_rows, tensors, *jobs[position + 2]))
+                for part, data in ((by_name[name + ".coarse.packed"], packed),
+                                   (by_name[name + ".coarse.scales_zeros"], scales_zeros)):
+                    out.seek(len(head) + part.begin + rows[0] * part.row_bytes)
+                    out.write(data.tobytes())
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -314,7 +319,7 @@ def load_quantized_model(folder: Path, dtype: torch.dtype, shortlist: bool | Non
                          own_code: bool = True):
     """The model in `folder` (a quantized checkpoint) with activations in `dtype`, ready to generate.
 
-    `shortlist`: project the output through `ShortlistHead` where the checkpoint has a coarse copy;
+    `shortlist`: project the output through `ShortlistHead` (its coarse table built on the first such load);
     None = where the CPU has no native bfloat16 and torch's kernels serve (there torch's int4 kernel reads
     the table about twice as fast as its int8 one; the AVX2 kernel reads the int8 table faster than both,
     and a batch of rows pays the shortlist's per-row selection).

@@ -94,3 +94,22 @@ def test_a_ui_that_cannot_start_leaves_the_api_serving_and_says_why(serving):
     page = httpx.get(serving.url + "/", timeout=10)
     assert page.status_code == 500 and "no theme files" in page.text and "HTTP API" in page.text
     assert httpx.get(serving.url + "/v1/models", timeout=10).status_code == 200
+
+
+def test_the_ui_restarts_with_each_start_of_its_server(tmp_path, tiny_models, model_cache, bundled_model):
+    """An app served twice (a test client used twice, a server restarted) starts Gradio's queue each time."""
+    from starlette.testclient import TestClient
+
+    from app_harness import gradio_call
+
+    service = ChatService(app_config(tmp_path, tiny_models, model_cache, bundled_model))
+    service.start()
+    try:
+        asgi = app_module.create_app(service)
+        for _ in range(2):
+            with TestClient(asgi) as client:
+                assert client.get("/health").json()["ui"] == "ready"
+                event, models = gradio_call(client, "list_models")
+                assert event == "complete" and "tiny-llama" in {m["id"] for m in models}
+    finally:
+        service.close()

@@ -271,6 +271,14 @@ def test_large_vocabularies_get_a_shortlist_head_where_asked(tmp_path, monkeypat
     assert coarse_file.stat().st_mtime_ns == written  # built once, then mapped
     assert isinstance(fast.lm_head, ShortlistHead) and isinstance(slow.lm_head, Int8Linear)
     assert torch.equal(fast.lm_head.coarse.packed, again.lm_head.coarse.packed)
+    whole = coarse_file.read_bytes()
+    for damaged in (whole[:len(whole) // 2], b"\x01"):  # cut short by a crash; a stub
+        stand_in = tmp_path / "damaged"  # a new file in its place: the models above still map the old one
+        stand_in.write_bytes(damaged)
+        stand_in.replace(coarse_file)
+        rebuilt = quant_checkpoint.load_quantized_model(folder, torch.float32, shortlist=True)
+        assert coarse_file.read_bytes() == whole
+        assert torch.equal(rebuilt.lm_head.coarse.packed, fast.lm_head.coarse.packed)
     assert fast.lm_head.q is fast.model.embed_tokens.q  # still one exact table, shared with the embedding
     ids = plain.encode("The quick brown fox")
     with torch.inference_mode():

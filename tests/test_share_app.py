@@ -1,6 +1,6 @@
 """--share takes the normal serving path (app.serve): the same app from create_app, with its middleware,
 limits and handlers, on the same server, with the same start-up warning and the same orderly close on
-SIGTERM; Gradio's share tunnel is only opened to that server's port once it listens.
+SIGTERM; Gradio's share tunnel is only opened to that server's port once it listens and the UI is mounted.
 
 `python app.py --share` runs here as a real process with the tunnel replaced (the real one needs the
 internet and would publish a link): the replacement records the port it was asked to expose.
