@@ -918,7 +918,12 @@ def mount_ui(app, gradio_app) -> None:
     with state.lock:
         state.gradio_app, loop = gradio_app, state.loop
     if loop is not None:
-        asyncio.run_coroutine_threadsafe(_start_ui(state, gradio_app), loop).result(timeout=60)
+        try:
+            asyncio.run_coroutine_threadsafe(_start_ui(state, gradio_app), loop).result(timeout=60)
+        except BaseException:
+            with state.lock:  # not mounted: nothing to start again, no logins to read
+                state.gradio_app = None
+            raise
     app.mount("", gradio_app)
     state.status = "ready"
 
