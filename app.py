@@ -5,22 +5,20 @@ done by inference.service.ChatService.
 
 Gradio is imported by `import_gradio`, not with this module: `python app.py` serves /health, /v1 and /api
 as soon as the model service has started, and mounts the web UI on the same port once Gradio (~6 s here)
-has loaded and the UI is built (README, "Starting up"). Every function below that uses `gr` runs after it.
+has loaded and the UI is built (README, "Starting up"; inference/http/late_mount.py holds the slot it is
+mounted in). Every function below that uses `gr` runs after it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import html
 import inspect
 import logging
 import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -813,7 +811,7 @@ class ExportGuard:
 
     FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")
 
-    def __init__(self, app, service: ChatService, ui: "UiState"):
+    def __init__(self, app, service: ChatService, ui):
         self.app, self.service, self.ui = app, service, ui
 
     async def __call__(self, scope, receive, send):
@@ -832,7 +830,7 @@ class ExportGuard:
         """Who is logged in, as Gradio's own /gradio_api/user tells it (its session cookie)."""
         from starlette.requests import HTTPConnection
 
-        gradio_app = self.ui.gradio_app
+        gradio_app = self.ui.mounted
         if gradio_app is None:
             return None
         if getattr(gradio_app, "auth", None) is None and getattr(gradio_app, "auth_dependency", None) is None:
@@ -853,37 +851,23 @@ def queued_ui(service: ChatService) -> gr.Blocks:
     return demo
 
 
-@dataclass
-class UiState:
-    """The web UI of one app: "starting" until it is mounted, then "ready" (or "failed", with why)."""
-
-    status: str = "starting"
-    error: str = ""
-    gradio_app: object = None  # Gradio's own ASGI app, once mounted
-    lock: threading.Lock = field(default_factory=threading.Lock)  # the two fields below
-    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, while it runs
-    stop: asyncio.Event | None = None  # set when the server shuts down: the UI's lifespan ends
-    tasks: list = field(default_factory=list)  # each running UI lifespan (`_run_ui`)
-
-
 def create_app(service: ChatService, ui: bool = True):
     """FastAPI app: /health, /v1 and /api beside the Gradio UI, on one port.
 
     `ui=False` leaves the UI to `start_ui`, once the server runs: `serve` answers the HTTP API while Gradio
-    loads. Until the UI is mounted every other path answers 503 with a page that reloads itself.
+    loads. Until the UI is mounted every other path answers 503 with a page that reloads itself
+    (inference/http/late_mount.py).
     """
     from fastapi import FastAPI
 
     from inference.http import create_router
+    from inference.http.late_mount import LateMount
 
     config = service.config
-    state = UiState()
     app = FastAPI(title="Local LLM", docs_url=None, redoc_url=None)
-    app.state.ui = state
-    app.include_router(create_router(service, config.api_key, health=lambda: {"ui": state.status}))
-    app.router.default = _ui_placeholder(state)
-    _keep_server_loop(app, state)
-    app.add_middleware(ExportGuard, service=service, ui=state)
+    app.state.ui = slot = LateMount(app, "The chat UI")
+    app.include_router(create_router(service, config.api_key, health=lambda: {"ui": slot.status}))
+    app.add_middleware(ExportGuard, service=service, ui=slot)
     add_body_limits(app, config)  # added last, so it runs first: nothing is read before it
     if ui:
         mount_ui(app, build_gradio_app(service))
@@ -912,95 +896,18 @@ def build_gradio_app(service: ChatService):
 
 
 def mount_ui(app, gradio_app) -> None:
-    """Mount `gradio_app` at the root of `app`. Gradio's queue and lifespan start as `gr.mount_gradio_app`
-    starts them: with the server's start-up if it has not started, at once on its event loop if it runs."""
-    state: UiState = app.state.ui
-    with state.lock:
-        state.gradio_app, loop = gradio_app, state.loop
-    if loop is not None:
-        try:
-            asyncio.run_coroutine_threadsafe(_start_ui(state, gradio_app), loop).result(timeout=60)
-        except BaseException:
-            with state.lock:  # not mounted: nothing to start again, no logins to read
-                state.gradio_app = None
-            raise
-    app.mount("", gradio_app)
-    state.status = "ready"
+    """Mount `gradio_app` at the root of `app`, its lifespan and queue started as `gr.mount_gradio_app`
+    starts them (with the server's start-up, or at once on a running server)."""
 
-
-async def _start_ui(state: UiState, gradio_app) -> None:
-    """Start `gradio_app`'s lifespan and queue in a task of their own that lasts until the server stops
-    (a lifespan is entered and left in one task), once they are up."""
-    started = asyncio.get_running_loop().create_future()
-    state.tasks.append(asyncio.create_task(_run_ui(gradio_app, started, state.stop)))
-    await started
-
-
-async def _run_ui(gradio_app, started: asyncio.Future, stop: asyncio.Event) -> None:
-    try:
+    @contextlib.asynccontextmanager
+    async def started():
         async with gradio_app.router.lifespan_context(gradio_app):
             blocks = gradio_app.get_blocks()
             blocks.run_startup_events()
             await blocks.run_extra_startup_events()
-            started.set_result(None)
-            await stop.wait()
-    except BaseException as error:
-        if not started.done():
-            started.set_exception(error)
-        raise
+            yield
 
-
-def _keep_server_loop(app, state: UiState) -> None:
-    """Around the app's lifespan (each time the server starts): note the server's event loop (for a UI
-    mounted later), start a UI mounted before, and end the UI's lifespan when the server shuts down."""
-    previous = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(asgi_app):
-        async with previous(asgi_app) as inner:
-            with state.lock:  # a UI mounted from now on starts on this loop; one mounted before, here
-                state.loop, state.stop, gradio_app = asyncio.get_running_loop(), asyncio.Event(), state.gradio_app
-            if gradio_app is not None:
-                await _start_ui(state, gradio_app)
-            try:
-                yield inner
-            finally:
-                with state.lock:
-                    state.loop = None
-                state.stop.set()
-                await asyncio.gather(*state.tasks, return_exceptions=True)
-                state.tasks.clear()
-
-    app.router.lifespan_context = lifespan
-
-
-def _ui_placeholder(state: UiState):
-    """What any path outside the HTTP API answers before the UI is mounted (after, the UI's mount takes
-    them all): 503 and a page that reloads itself while the UI starts, 500 saying why if it failed."""
-    from starlette.responses import HTMLResponse, Response
-
-    async def placeholder(scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await send({"type": "websocket.close", "code": 1013})  # try again later
-            return
-        if state.status == "failed":
-            text, status, headers = f"The chat UI could not start ({state.error}); the HTTP API still serves.", 500, {}
-            page = f"<!doctype html><p>{html.escape(text)}</p>"
-        else:
-            text, status, headers = "The chat UI is starting; the HTTP API already answers.", 503, {"Retry-After": "2"}
-            page = STARTING_PAGE
-        wants_html = "text/html" in dict(scope.get("headers", [])).get(b"accept", b"").decode("latin-1")
-        response = HTMLResponse(page, status, headers) if wants_html else Response(text, status, headers,
-                                                                                  media_type="text/plain")
-        await response(scope, receive, send)
-
-    return placeholder
-
-
-STARTING_PAGE = ("<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='2'>"
-                 "<title>Local LLM: starting</title></head><body style='font-family:system-ui,sans-serif;"
-                 "text-align:center;margin-top:20vh'><p>The chat UI is starting&hellip; this page reloads itself."
-                 "</p><p style='opacity:.7'>The HTTP API (/v1, /api, /health) already answers.</p></body></html>")
+    app.state.ui.mount(gradio_app, started)
 
 
 def start_ui(app, service: ChatService, server, stopped: threading.Event) -> None:
@@ -1018,7 +925,7 @@ def start_ui(app, service: ChatService, server, stopped: threading.Event) -> Non
             return
         mount_ui(app, gradio_app)
     except Exception as error:
-        app.state.ui.error, app.state.ui.status = f"{type(error).__name__}: {error}", "failed"
+        app.state.ui.fail(f"{type(error).__name__}: {error}")
         if not stopped.is_set():
             log.exception("the chat UI could not start; the HTTP API keeps serving")
         return
@@ -1139,7 +1046,7 @@ def _sigterm_ends_cleanly():
 def _share_when_started(server, app, config: AppConfig, open_tunnel) -> None:
     """Open the public link once `server` listens and the UI is mounted (on a thread: the server runs on
     this one)."""
-    state: UiState = app.state.ui
+    state = app.state.ui
 
     def share():
         while not (server.started and state.status != "starting") and not server.should_exit:

@@ -66,8 +66,8 @@ def int4_layout_tag() -> str:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 values 0..15 [out, in] -> torch's packed int4 layout for the CPU kernel.
 
-    torch's own packing is a scalar loop (~9 ms for 384 x 640 values here; a first conversion packs
-    the bundled model's 168M-value coarse output table). Where its layout is the one `_pack_blocks`
+    torch's own packing is a scalar loop (~9 ms for 384 x 640 values here; the shortlist head's coarse
+    table of the bundled model has 168M values). Where its layout is the one `_pack_blocks`
     writes (checked once against torch on random values), whole 64-row blocks are packed in numpy,
     ~40x faster, and only the rows after the last whole block by torch."""
     whole = q.shape[0] // PACK_ROWS * PACK_ROWS if _numpy_packing_matches() else 0
