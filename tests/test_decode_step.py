@@ -187,6 +187,35 @@ def test_the_native_layer_stack_matches_the_loop(native_models, arch, texts):
 
 
 @needs_native
+@pytest.mark.parametrize("arch", ARCHS)
+def test_long_contexts_split_the_keys_between_threads(native_models, arch):
+    """Past 128 keys a row's attention is split into pieces done apart and merged (native/layers.c's
+    `attention`): the same logits as the loop, for a lone row and for a padded batch, inside gemma3's
+    window and across it."""
+    lm = native_models[arch]
+    step = make_decode_step(lm.model)
+    text = " ".join(["The quick brown fox jumps over the lazy dog and the cat sat on the mat."] * 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # four threads want eight pieces of work: a lone row's keys come in four
+    try:
+        for rows in ([lm.encode(text)], [lm.encode(text), lm.encode("Hello there")]):
+            assert len(rows[0]) > 200
+            with torch.inference_mode():
+                (ours, theirs), mask = prefill(lm, rows)
+                tokens = torch.tensor([[r[-1]] for r in rows])
+                positions = torch.tensor([[len(r)] for r in rows])
+                for _ in range(6):
+                    mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+                    padded = None if bool(mask.all()) else mask
+                    want = loop_step(step, tokens, positions, theirs, padded)
+                    got = step(tokens, positions, ours, padded)
+                    assert close(got, want, 1e-2)
+                    tokens, positions = want.argmax(-1, keepdim=True), positions + 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 def test_the_native_layer_stack_declines_what_it_does_not_cover(native_models):
     lm = native_models["llama"]
     step = make_decode_step(lm.model)

@@ -21,22 +21,35 @@
 
 int q8_block(void) { return BLOCK; }
 
+/* Each block of 32: d = max |x| / 127, q = x / d rounded to nearest even (lrintf's rounding, which
+ * _mm256_cvtps_epi32 shares under the default rounding mode), and the sum of the q. */
 static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale, float *sums) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t b = 0; b < k / BLOCK; b++) {
     const float *xb = x + b * BLOCK;
-    float largest = 0.f;
-    for (int i = 0; i < BLOCK; i++) {
-      float a = fabsf(xb[i]);
-      largest = a > largest ? a : largest;
+    __m256 v[4], largest = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      largest = _mm256_max_ps(largest, _mm256_and_ps(v[i], magnitude));
     }
-    float d = largest / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
+    __m128 l = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+    l = _mm_max_ps(l, _mm_movehl_ps(l, l));
+    l = _mm_max_ss(l, _mm_shuffle_ps(l, l, 1));
+    float d = _mm_cvtss_f32(l) / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
     scale[b] = d;
-    int total = 0;
-    for (int i = 0; i < BLOCK; i++) {
-      q[b * BLOCK + i] = (int8_t)lrintf(xb[i] * inverse);
-      total += q[b * BLOCK + i];
+    __m256i ints[4];
+    for (int i = 0; i < 4; i++) ints[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inverse)));
+    /* int32 -> int8 packs lane-wise: [0 1 | 2 3] 16-bit, then bytes; a permute puts the 32 back in order */
+    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+    packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)(q + b * BLOCK), packed);
+    if (sums) {
+      __m256i total = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+      sums[b] = (float)_mm_cvtsi128_si32(t);
     }
-    if (sums) sums[b] = (float)total;
   }
 }
 
