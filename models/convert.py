@@ -86,9 +86,20 @@ def build_config(header: GGUFHeader) -> dict:
         )
     try:
         return gguf_arch.checkpoint_config(arch, header.metadata, {t.name for t in header.tensors},
-                                           header.metadata.length("tokenizer.ggml.tokens"))
+                                           header.metadata.length("tokenizer.ggml.tokens"), _rope_freqs(header))
     except gguf_arch.UnreadableConfig as error:
         raise UnsupportedModel(f"{header.path.name}: {error}") from error
+
+
+def _rope_freqs(header: GGUFHeader) -> np.ndarray | None:
+    """A Llama GGUF's `rope_freqs` tensor (Llama 3.1 / 3.2's rotary scaling), or None."""
+    info = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
+    if info is None or header.architecture != "llama":
+        return None
+    if info.ggml_type not in GGML_TYPES or info.n_elements > 1 << 16:
+        raise UnsupportedModel(f"{header.path.name}: rope_freqs is not a small float tensor")
+    rows = info.n_elements // (info.shape[0] if info.shape else 1)
+    return dequantize(read_rows(header, info, (0, rows)), info.ggml_type)
 
 
 def transformers_config(config: dict):

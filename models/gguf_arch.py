@@ -11,7 +11,10 @@ and fixed:
   built since it began (transformers' loader also renames some llama-named models, which it never did);
 - the names: `blk.N.attn_q.weight` is `model.layers.N.self_attn.q_proj.weight`, and so on;
 - the fix-ups: llama.cpp stores Llama's q/k rows permuted for its interleaved rotary layout (undone
-  here), and Gemma's norm weights as 1 + w (transformers' Gemma keeps w).
+  here), and Gemma's norm weights as 1 + w (transformers' Gemma keeps w);
+- Llama 3.1 / 3.2's rotary scaling, which llama.cpp stores as a `rope_freqs` tensor (one divisor per
+  frequency) and transformers' GGUF loader drops: `llama3_rope` finds the "llama3" parameters that give
+  those divisors, so the model runs with the frequencies it was trained with.
 
 Tests check each against transformers' own (config.json, name map, converted bytes), so a transformers
 release that changes them shows up there.
@@ -72,9 +75,12 @@ class UnreadableConfig(ValueError):
     """The GGUF's metadata does not describe a config of its architecture."""
 
 
-def checkpoint_config(architecture: str, metadata, tensor_names: set[str], vocabulary: int) -> dict:
+def checkpoint_config(architecture: str, metadata, tensor_names: set[str], vocabulary: int,
+                      rope_freqs: np.ndarray | None = None) -> dict:
     """The `config.json` transformers' GGUF loader would build and save for this GGUF (without
-    `transformers_version` and `dtype`). `vocabulary`: the token count, for GGUFs with no vocab_size."""
+    `transformers_version` and `dtype`). `vocabulary`: the token count, for GGUFs with no vocab_size.
+    `rope_freqs`: a Llama GGUF's `rope_freqs` tensor, which makes the rotary scaling "llama3" where
+    transformers' loader leaves it out (`llama3_rope`)."""
     model_type = MODEL_TYPES[architecture]
     values: dict = {}
     keys = ARCH_KEYS[architecture]
@@ -106,9 +112,74 @@ def checkpoint_config(architecture: str, metadata, tensor_names: set[str], vocab
     if model_type == "llama":
         config.setdefault("num_key_value_heads", config["num_attention_heads"])
         config["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        if rope_freqs is not None:
+            config["rope_parameters"] = llama3_rope(rope_freqs, theta, config["head_dim"])
     else:
         config["layer_types"] = ["full_attention"] * layers
     return config
+
+
+# ----- Llama 3's rotary scaling -------------------------------------------------------------------
+def llama3_rope(divisors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """The rotary parameters of a `rope_freqs` tensor: "llama3" parameters giving the same divisors.
+
+    llama.cpp divides rotary frequency i (theta^(-2i/d), wavelength w_i = 2 pi / frequency) by
+    divisor[i]: 1 for short wavelengths, `factor` for long ones, 1 / ((1 - s) / factor + s) between,
+    with s = (original / w - low) / (high - low). So s is a straight line in 1 / w, s = a / w + b, and only
+    a and b (with `factor`) decide the frequencies. They are fitted to the in-between divisors and
+    written as low = 1 (Llama 3's own value), high = 1 - 1 / b, original = -a / b. With one or no
+    divisor in between (small heads) the line is underdetermined: Llama 3's low 1 and high 4 are
+    kept, and `original` is whatever the divisors fix (the largest power of two that fits where none
+    does). The result is checked against every divisor; anything else is refused (`UnreadableConfig`).
+    """
+    divisors = np.asarray(divisors, dtype=np.float64).reshape(-1)
+    base = {"rope_theta": float(theta), "rope_type": "default"}
+    if divisors.size != head_dim // 2:
+        raise UnreadableConfig(f"rope_freqs holds {divisors.size} values; a head of {head_dim} has "
+                               f"{head_dim // 2} rotary frequencies")
+    if not np.all(np.isfinite(divisors) & (divisors > 0)):
+        raise UnreadableConfig("rope_freqs holds values that are not positive numbers")
+    if np.allclose(divisors, 1.0, rtol=0, atol=1e-6):
+        return base
+    factor = float(divisors.max())
+    wavelengths = 2 * np.pi * float(theta) ** (np.arange(0, head_dim, 2) / head_dim)
+    between = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+    smooth = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+    if between.sum() >= 2:
+        a, b = np.polyfit(1 / wavelengths[between], smooth, 1)
+        low, high, original = 1.0, 1 - 1 / b if b < 0 else float("nan"), -a / b if b < 0 else float("nan")
+    else:
+        low, high = 1.0, 4.0
+        if between.any():
+            original = float((smooth[0] * (high - low) + low) * wavelengths[between][0])
+        else:  # short wavelengths (< original / high) kept, long ones (> original / low) divided
+            shortest = wavelengths[divisors > 1 + 1e-4].min()
+            longest = wavelengths[divisors <= 1 + 1e-4].max(initial=0.0)
+            original = float(2 ** np.floor(np.log2(shortest))) if shortest > high * longest else float("nan")
+    rope = {**base, "rope_type": "llama3", "factor": _tidy(factor), "low_freq_factor": low,
+            "high_freq_factor": _tidy(high), "original_max_position_embeddings": _tidy(original)}
+    if not np.isfinite(original) or not np.allclose(llama3_divisors(rope, head_dim), divisors, rtol=1e-4, atol=0):
+        raise UnreadableConfig("rope_freqs does not follow Llama 3's rotary scaling")
+    if float(rope["original_max_position_embeddings"]).is_integer():
+        rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    return rope
+
+
+def llama3_divisors(rope: dict, head_dim: int) -> np.ndarray:
+    """What llama.cpp's converter stores as `rope_freqs` for "llama3" rotary parameters `rope`."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    wavelengths = 2 * np.pi * float(rope["rope_theta"]) ** (np.arange(0, head_dim, 2) / head_dim)
+    smooth = (original / wavelengths - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelengths < original / high, 1.0, np.where(wavelengths > original / low, factor, between))
+
+
+def _tidy(value: float) -> float:
+    """`value`, or the round number it is within float32 rounding of (8.0, not 8.000000476837158)."""
+    value = float(value)
+    rounded = round(value, 3)
+    return rounded if abs(rounded - value) <= 1e-5 * max(1.0, abs(value)) else value
 
 
 # ----- tensor names -------------------------------------------------------------------------------

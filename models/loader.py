@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import spm_tokenizer
-from .convert import MODEL_BUILD_LOCK, checkpoint_problem, convert_to_checkpoint, import_transformers
+from .convert import MODEL_BUILD_LOCK, build_config, checkpoint_problem, convert_to_checkpoint, import_transformers
 from .cpu_matmul import cpu_has_native_bf16, use_float32_for_wide_inputs
 from .decode_step import make_decode_step
 from .gguf_file import GGUFHeader, read_header
@@ -340,10 +341,36 @@ def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype,
                 report(0.0, "converting the GGUF file (first load only)")
             convert_to_checkpoint(header, folder, dtype, progress=lambda f, m: report(0.9 * f, m),
                                   quantized=weights == "quantized")
-        elif spm_tokenizer.applies_to(header) and not (folder / spm_tokenizer.MODEL_FILE).is_file():
-            report(0.0, "building the tokenizer (once)")  # a folder converted before we built Gemma's
-            spm_tokenizer.write_tokenizer(header, folder)
+        else:
+            if spm_tokenizer.applies_to(header) and not (folder / spm_tokenizer.MODEL_FILE).is_file():
+                report(0.0, "building the tokenizer (once)")  # a folder converted before we built Gemma's
+                spm_tokenizer.write_tokenizer(header, folder)
+            refresh_config(header, folder)
     return folder
+
+
+def refresh_config(header: GGUFHeader, folder: Path) -> None:
+    """Rewrite a cached checkpoint's `config.json` where this version reads the GGUF differently (e.g.
+    Llama 3.1's rotary scaling, which conversions before it left out): the weights stay as they are."""
+    path = folder / "config.json"
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    stored = stored if isinstance(stored, dict) else {}
+    stored.pop("transformers_version", None)  # written by conversions through transformers: not config
+    wanted = json.loads(json.dumps({**build_config(header), "dtype": stored.get("dtype")}))
+    if stored == wanted:
+        return
+    changed = sorted(key for key in wanted.keys() | stored.keys() if stored.get(key) != wanted.get(key))
+    log.info("updating %s's cached config (%s)", header.path.name, ", ".join(changed))
+    staging = None
+    try:
+        fd, staging = tempfile.mkstemp(dir=folder, suffix=".partial")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+        os.replace(staging, path)
+    except OSError as error:
+        if staging:
+            Path(staging).unlink(missing_ok=True)
+        raise LoadError(f"could not update the cached config {path} ({error})") from error
 
 
 def load_model(gguf_path: Path, cache_root: Path, options: LoadOptions = LoadOptions(),

@@ -347,6 +347,7 @@ def write_tiny_gguf(
     name: str | None = None,
     extra_specials: tuple[str, ...] = (),
     token_metadata: dict[str, str] | None = None,
+    rope_freqs: np.ndarray | None = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight GGUF of `arch` ("llama", "qwen2" or "gemma3") and return its path.
 
@@ -359,7 +360,8 @@ def write_tiny_gguf(
     falls back to Q8_0. `vocab_multiple`: pad the vocabulary with unused tokens to a multiple of this.
     `extra_specials`: more CONTROL tokens after the family's own (e.g. `FIM_SPECIALS`);
     `token_metadata`: GGUF keys whose value is a token's id, by the token's text (e.g.
-    `{"tokenizer.ggml.fim_pre_token_id": "<PRE>", ...}`, as llama.cpp writes them).
+    `{"tokenizer.ggml.fim_pre_token_id": "<PRE>", ...}`, as llama.cpp writes them). `rope_freqs`
+    (llama): one divisor per rotary frequency, stored as Llama 3.1's converter stores its rope scaling.
     """
     _check_arch(arch)
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
@@ -435,6 +437,8 @@ def write_tiny_gguf(
         # ---- tensors (generated in HF layout, then converted the way llama.cpp does)
         types = MIXED_TYPES if weight_types == "mixed" else weight_types
         t = _Tensors(writer, quantize, types, np.random.default_rng(seed + 1))
+        if rope_freqs is not None:
+            t.vector("rope_freqs.weight", rope_freqs)
         t.matrix("token_embd.weight", rand(n_vocab, hidden), f16=True)
         for i in range(layers):
             b = f"blk.{i}"

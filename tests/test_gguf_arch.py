@@ -5,6 +5,7 @@ same tensor fix-ups; and a first conversion of a Gemma model imports neither tra
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -147,3 +148,98 @@ def test_a_first_gemma_conversion_imports_neither_transformers_nor_gguf(tmp_path
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["models.cpu_model", "[]"], result.stdout
+
+
+# ----- Llama 3's rotary scaling (rope_freqs) -------------------------------------------------------
+def llamacpp_divisors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                      original: float) -> np.ndarray:
+    """`rope_freqs` as llama.cpp's converter computes it for a Llama 3.1 checkpoint (float32)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < original / high:
+            out.append(1.0)
+        elif wavelength > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def transformers_frequencies(rope: dict, head_dim: int) -> torch.Tensor:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim, rope_parameters=rope,
+                         max_position_embeddings=131072)
+    return LlamaRotaryEmbedding(config).inv_freq
+
+
+@pytest.mark.parametrize("head_dim, theta, params, exact", [
+    (128, 500000.0, (8.0, 1.0, 4.0, 8192), True),  # Llama 3.1 8B / 70B
+    (64, 500000.0, (32.0, 1.0, 4.0, 8192), True),  # Llama 3.2 1B
+    (16, 500000.0, (8.0, 1.0, 4.0, 8192), True),  # one frequency in between
+    (32, 10000.0, (4.0, 2.0, 8.0, 4096), False),  # other values: an equivalent set is found
+    (8, 10000.0, (8.0, 1.0, 4.0, 64), False),  # none in between
+])
+def test_llama3_scaling_is_read_back_from_rope_freqs(head_dim, theta, params, exact):
+    divisors = llamacpp_divisors(head_dim, theta, *params)
+    rope = gguf_arch.llama3_rope(divisors, theta, head_dim)
+    assert rope["rope_type"] == "llama3" and rope["rope_theta"] == theta and rope["factor"] == params[0]
+    if exact:
+        assert (rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]) == \
+            params[1:]
+    plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    llamacpp = (plain / torch.from_numpy(divisors).double()).float()
+    assert torch.allclose(transformers_frequencies(rope, head_dim), llamacpp, rtol=1e-5, atol=0)
+    assert json.loads(json.dumps(rope)) == rope
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused():
+    assert gguf_arch.llama3_rope(np.ones(8, dtype=np.float32), 10000.0, 16) == \
+        {"rope_theta": 10000.0, "rope_type": "default"}
+    with pytest.raises(gguf_arch.UnreadableConfig, match="rotary frequencies"):
+        gguf_arch.llama3_rope(np.ones(5, dtype=np.float32), 10000.0, 16)
+    with pytest.raises(gguf_arch.UnreadableConfig, match="not positive"):
+        gguf_arch.llama3_rope(np.array([1, 1, 1, 1, 0, 8, 8, 8], dtype=np.float32), 10000.0, 16)
+    with pytest.raises(gguf_arch.UnreadableConfig, match="Llama 3"):
+        gguf_arch.llama3_rope(np.array([1, 3, 1, 2, 5, 1, 8, 8], dtype=np.float32), 10000.0, 16)
+
+
+def test_a_llama_gguf_with_rope_freqs_converts_and_runs_scaled(tmp_path, model_cache, caplog):
+    """The config gets the scaling, our model runs llama.cpp's frequencies, and a conversion cached
+    before this fix has its config.json brought up to date (its weights left alone)."""
+    from models.cpu_model import CausalLM
+    from models.loader import LoadOptions, checkpoint_dir, load_model
+
+    divisors = llamacpp_divisors(16, 500000.0, 8.0, 1.0, 4.0, 8192)
+    path = write_tiny_gguf(tmp_path / "scaled.gguf", "llama", rope_freqs=divisors)
+    header = read_header(path)
+    assert convert.build_config(header)["rope_parameters"] == {
+        "rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    lm = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
+    assert isinstance(lm.model, CausalLM)
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    want = (plain / torch.from_numpy(divisors).double()).float()
+    assert torch.allclose(lm.model.model.rotary_emb.frequencies["full_attention"], want, rtol=1e-5, atol=0)
+    dense = load_model(path, model_cache, LoadOptions(weights="dense"))  # transformers' model (the CUDA path)
+    assert torch.allclose(dense.model.model.rotary_emb.inv_freq, want, rtol=1e-5, atol=0)
+
+    folder = checkpoint_dir(model_cache, path, torch.float32, "quantized")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "default"}  # as conversions wrote it
+    config["transformers_version"] = "5.24.0"
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = (folder / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="models.loader"):
+        again = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
+    assert "rope_parameters" in caplog.text
+    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    assert torch.allclose(again.model.model.rotary_emb.frequencies["full_attention"], want, rtol=1e-5, atol=0)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == weights
+    caplog.clear()
+    with caplog.at_level("INFO", logger="models.loader"):
+        load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
+    assert "cached config" not in caplog.text  # up to date now: not written again
