@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .cpu_model import rotate, visible_keys
 
-NATIVE_MAX_ROWS = 32  # the AVX2 kernels serve inputs of fewer rows (models/qlinear.py's WIDE_ROWS)
+NATIVE_MAX_ROWS = 32  # batches of fewer rows run the C layer stack; wider ones the loop
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1}  # native/layers.c's `act`
 
 

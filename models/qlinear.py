@@ -40,8 +40,12 @@ WIDE_ROWS = 32
 WIDE_MAX_WEIGHTS = 1 << 24
 # int4 weights with the AVX2 kernel's copy multiply inputs of this many rows or more dequantized to
 # float32 (one C pass, ~1 ms for 1.3M weights) and then as one float product: 1.3-2x faster than
-# torch's int4 kernel on an AVX2 CPU from 128 rows on (bench/RESULTS.md).
+# torch's int4 kernel on an AVX2 CPU from 128 rows on (bench/RESULTS.md); below it, the kernel.
 WIDE_ROWS_INT4 = 128
+# int8 weights with the AVX2 kernel: the kernel serves inputs of fewer rows than this (a batch's
+# prefill of short prompts, a chunk of a long one), the dequantized float product wider ones
+# (bench/RESULTS.md: the kernel 1.3-1.7x faster at 192 rows, even at 512).
+NATIVE_ROWS_INT8 = 256
 
 
 def compute_dtype() -> torch.dtype:
@@ -123,7 +127,7 @@ class Int4Linear(nn.Module):
     """y = x W^T (+ b) with W in torch's packed int4 layout, group size 32.
 
     `native`: the AVX2 kernel (models/native_kernels.py) with the same values as `nibbles` and
-    float16 `native_scales`, used for inputs of fewer than `WIDE_ROWS` rows.
+    float16 `native_scales`, used for inputs of fewer than `WIDE_ROWS_INT4` rows.
     """
 
     def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, scales_zeros: torch.Tensor,
@@ -142,7 +146,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.native is not None and rows < WIDE_ROWS:
+        if self.native is not None and rows < WIDE_ROWS_INT4:
             y = self.native.matmul4(_flat(x, self.in_features, torch.float32), self.nibbles, self.native_scales)
             return _finish(y, x, self.out_features, self.bias)
         if (self.native is not None and rows >= WIDE_ROWS_INT4 and x.dtype == torch.float32
@@ -160,7 +164,7 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W int8 and one scale per output row.
 
-    `native`: the AVX2 kernel (models/native_kernels.py), used for inputs of fewer than `WIDE_ROWS`
+    `native`: the AVX2 kernel (models/native_kernels.py), used for inputs of fewer than `NATIVE_ROWS_INT8`
     rows; it quantizes the activations to int8 in blocks of 32, so its results differ from the
     bfloat16-input kernel's by rounding (the quality gate in tests/test_models_bundled.py bounds it).
     """
@@ -178,7 +182,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.native is not None and rows < WIDE_ROWS:
+        if self.native is not None and rows < NATIVE_ROWS_INT8:
             y = self.native.matmul(_flat(x, self.in_features, torch.float32), self.q, self.scale32)
             return _finish(y, x, self.out_features, self.bias)
         if rows >= WIDE_ROWS and self.q.numel() <= WIDE_MAX_WEIGHTS and x.dtype.is_floating_point:

@@ -122,9 +122,11 @@ def chunked_nll(lm, ids: list[int], chunk: int = 16) -> float:
     return torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=lm.device)).item()
 
 
-def test_avx2_kernels_keep_the_quality_of_the_exact_path(bundled_model, model_cache, exact_nll):
+@pytest.mark.parametrize("chunk", [16, 120], ids=["decode-sized", "prefill-sized"])
+def test_avx2_kernels_keep_the_quality_of_the_exact_path(bundled_model, model_cache, exact_nll, chunk):
     """The AVX2 kernels quantize activations to int8 (models/native_kernels.py): the same 1% gate,
-    measured on decode-sized inputs, where they run (with the int8 output projection they use)."""
+    measured on inputs of the sizes they serve (decode steps, and prompts shorter than
+    `WIDE_ROWS_INT4`, fed in one forward), with the int8 output projection they use."""
     import shutil
 
     from models import native_kernels
@@ -136,7 +138,7 @@ def test_avx2_kernels_keep_the_quality_of_the_exact_path(bundled_model, model_ca
     assert native.kernels == "native"
     assert type(native.model.lm_head).__name__ == "Int8Linear" and native.model.lm_head.native is not None
     ids, exact, _ = exact_nll
-    measured = chunked_nll(native, ids)
+    measured = chunked_nll(native, ids, chunk)
     assert abs(measured - exact) <= 0.01 * exact, (measured, exact)
 
 

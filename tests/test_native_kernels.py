@@ -16,7 +16,7 @@ from inference.generate import stream_generate
 from inference.params import GenerationParams
 from models import native_kernels
 from models.loader import LoadError, LoadOptions, load_model
-from models.qlinear import Int4Linear, Int8Linear, int4_scales_zeros, pack_int4
+from models.qlinear import NATIVE_ROWS_INT8, WIDE_ROWS_INT4, Int4Linear, Int8Linear, int4_scales_zeros, pack_int4
 from models.quant_blocks import int8_rows, round_int4
 
 needs_avx2 = pytest.mark.skipif(not native_kernels.cpu_has_avx2() or not shutil.which("cc"),
@@ -77,7 +77,10 @@ def test_int8_linear_uses_it_for_decode_sized_inputs_only(kernels, monkeypatch):
     assert calls and got.shape == (2, 5, 96)
     assert (got - want).norm() / want.norm() < 0.01
     calls.clear()
-    layer(torch.randn(40, 64))  # a prefill: the dequantized product, not the kernel
+    layer(torch.randn(NATIVE_ROWS_INT8 - 1, 64))  # a short prompt's prefill: still the kernel
+    assert calls
+    calls.clear()
+    layer(torch.randn(NATIVE_ROWS_INT8, 64))  # a long one: the dequantized product
     assert not calls
     assert "AVX2" in repr(layer)
 
@@ -93,7 +96,7 @@ def int4_layer(weights: np.ndarray, kernels=None):
 
 @needs_avx2
 @pytest.mark.parametrize("m", [1, 7])
-def test_int4_matches_a_float_reference(kernels, m):
+def test_int4_matches_a_float_reference(kernels, m, monkeypatch):
     weights = (np.random.default_rng(m).standard_normal((80, 256)) * 0.05).astype(np.float32)
     layer, dense = int4_layer(weights, kernels)
     x = torch.randn(m, 256)
@@ -102,16 +105,16 @@ def test_int4_matches_a_float_reference(kernels, m):
     assert (layer(x) - want).norm() / want.norm() < 0.01
     torch_only, _ = int4_layer(weights)
     assert torch_only.native is None and (torch_only(x) - want).norm() / want.norm() < 0.02
-    wide = torch.randn(40, 256)  # a short prefill: torch's kernel, the same numbers as the torch-only layer
-    assert torch.equal(layer(wide), torch_only(wide))
+    calls = []
+    monkeypatch.setattr(kernels, "matmul4", lambda *a, f=kernels.matmul4: calls.append(1) or f(*a))
+    prompt = torch.randn(WIDE_ROWS_INT4 - 1, 256)  # a short prompt's prefill: the kernel too
+    assert (layer(prompt) - prompt @ dense.t()).norm() / (prompt @ dense.t()).norm() < 0.01 and calls
 
 
 @needs_avx2
 def test_int4_wide_inputs_multiply_the_dequantized_weights(kernels):
     """From WIDE_ROWS_INT4 rows on, the kernel's copy (float16 scales) is dequantized and multiplied as
     floats: the groups' values up to the float16 rounding of their scales."""
-    from models.qlinear import WIDE_ROWS_INT4
-
     weights = (np.random.default_rng(5).standard_normal((80, 256)) * 0.05).astype(np.float32)
     layer, dense = int4_layer(weights, kernels)
     assert (kernels.dequantize4(layer.nibbles, layer.native_scales) - dense).norm() / dense.norm() < 2e-3
