@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import api, loads, report  # noqa: E402
-from bench.stats import StreamTiming, summarize_single  # noqa: E402
+from bench.stats import StreamTiming, median, summarize_single  # noqa: E402
 
 MODEL_ID = "gemma-3-270m"
 SWAP_STEM = "gemma-3-270m-swap-copy"
@@ -137,10 +137,11 @@ def run_all(args, work: Path, notes: list[str]) -> dict:
         baseline_load = loads.measure_load(["baseline", str(gguf)], timeout_s=900)
     prepare_data_dir(main_dir, cold_dir, gguf)
     served = serve(args, main_dir, gguf, notes)
-    anchor = measure_llamacpp(args, gguf, notes)
+    if served["llamacpp"] and "error" in served["llamacpp"]:
+        notes.append(f"llama.cpp anchor failed: {served['llamacpp']['error']}")
     return {
         "model_file_mib": round(gguf.stat().st_size / 2**20, 1),
-        "llamacpp": anchor,
+        "llamacpp": served.pop("llamacpp"),
         "baseline": {**served.pop("baseline"), "load_skipped": baseline_load is None, "load": baseline_load,
                      "load_to_first_token_s": (baseline_load or {}).get("start_to_first_token_s")},
         **served,
@@ -155,12 +156,12 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
 
     config = AppConfig(data_dir=main_dir, preload=False, default_model=MODEL_ID, port=api.free_port(),
                        idle_unload_s=None, kernels=args.cpu_kernels)
+    anchor = llamacpp_anchor(args, gguf, notes)
     step("starting the app in-process (ChatService + create_app + uvicorn)")
     running = api.start_app(config)
     try:
         running.service.load_model(MODEL_ID)
-        single = measure_single(args, running)
-        single["prefill"] = measure_prefill(running)
+        single = measure_single(args, running, anchor)
         concurrency = {}
         for level in args.levels:
             step(f"{level} concurrent /v1 session(s), {args.concurrent_tokens} tokens each")
@@ -176,9 +177,11 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
             "app_config": app_config_summary(config)}
 
 
-def measure_single(args, running) -> dict:
-    """Baseline generate(), engine, /v1 and the engine with the chat's sampling settings, interleaved
-    per repetition so drift hits all of them alike."""
+def measure_single(args, running, anchor=None) -> dict:
+    """Baseline generate(), engine, /v1, the engine with the chat's sampling settings and a 512-token
+    prefill, interleaved per repetition so drift hits all of them alike; with `anchor`, llama.cpp's
+    run (a child process, while the app idles) joins each repetition, so their ratios compare figures
+    measured minutes, not a whole benchmark, apart."""
     import httpx
     import torch
 
@@ -198,57 +201,65 @@ def measure_single(args, running) -> dict:
     step(f"baseline model from {folder.name} (bfloat16)")
     baseline = Baseline(folder, device)
     runs: dict[str, list[StreamTiming]] = {"baseline": [], "engine": [], "api": [], "engine_sampled": []}
+    prefills, anchors = [], []
     with httpx.Client(timeout=api.REQUEST_TIMEOUT_S) as http:
         step("warm-up (untimed)")
         baseline.generate(prompt_ids, 4)
         api.stream_engine(service, MODEL_ID, messages, 4)
         api.stream_v1(http, running.chat_url, MODEL_ID, messages, 4)
+        prefill_once(service)
         for i in range(args.repeats):
             step(f"single stream {i + 1}/{args.repeats}: baseline, engine, /v1, engine sampled "
-                 f"({args.tokens} tokens each)")
+                 f"({args.tokens} tokens each), a {PREFILL_TOKENS}-token prefill"
+                 + (", llama.cpp's decode and prefill" if anchor else ""))
             runs["baseline"].append(baseline.generate(prompt_ids, args.tokens))
             runs["engine"].append(api.stream_engine(service, MODEL_ID, messages, args.tokens))
             runs["api"].append(api.stream_v1(http, running.chat_url, MODEL_ID, messages, args.tokens))
             runs["engine_sampled"].append(api.stream_engine(service, MODEL_ID, messages, args.tokens,
                                                             CHAT_SAMPLING))
+            prefills.append(prefill_once(service))
+            if anchor:
+                anchors.append(anchor())
     baseline.close()
     gc.collect()
     result = {name: summarize_single(timings) for name, timings in runs.items()}
     result["baseline"]["prompt_tokens"] = len(prompt_ids)
     result["loaded_model"] = loaded
+    seconds = median(prefills)
+    result["prefill"] = {"tokens": PREFILL_TOKENS, "seconds": round(seconds, 3),
+                         "tok_s": round(PREFILL_TOKENS / seconds, 1), "runs_s": [round(t, 3) for t in prefills]}
+    result["llamacpp"] = merge_anchor_runs(anchors) if anchor else None
     return result
 
 
 PREFILL_TOKENS = 512
 
 
-def measure_prefill(running) -> dict:
-    """One 512-token prompt fed in one forward (what the batcher does for a prompt of that length),
-    best of two: the figure llama.cpp's prefill is compared with."""
+def prefill_once(service) -> float:
+    """Seconds for one 512-token prompt fed in one forward (what the batcher does for a prompt of that
+    length): the figure llama.cpp's prefill is compared with."""
     import torch
 
     from bench.llamacpp import PREFILL_TOKENS as LLAMA_PREFILL
     from inference import kv
 
     assert LLAMA_PREFILL == PREFILL_TOKENS
-    step(f"prefill of {PREFILL_TOKENS} tokens in one forward")
-    with running.service.manager.use(MODEL_ID) as lm:
+    with service.manager.use(MODEL_ID) as lm:
         ids = lm.encode(PREFILL_TEXT)[:PREFILL_TOKENS]
+        assert len(ids) == PREFILL_TOKENS
         batch = torch.tensor([ids], device=lm.device)
-        times = []
-        for _ in range(2):
-            began = time.perf_counter()
-            with torch.inference_mode():
-                lm.model(input_ids=batch, cache=kv.new_cache(lm.model), use_cache=True, logits_to_keep=1)
-            times.append(time.perf_counter() - began)
-    return {"tokens": len(ids), "seconds": round(min(times), 3), "tok_s": round(len(ids) / min(times), 1)}
+        began = time.perf_counter()
+        with torch.inference_mode():
+            lm.model(input_ids=batch, cache=kv.new_cache(lm.model), use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - began
 
 
 PREFILL_TEXT = "The river town woke slowly on market days. " * 100
 
 
-def measure_llamacpp(args, gguf: Path, notes: list[str]) -> dict | None:
-    """llama.cpp on the same file and thread count, in a child process (bench/llamacpp.py)."""
+def llamacpp_anchor(args, gguf: Path, notes: list[str]):
+    """A function running llama.cpp once on the same file and thread count in a child process
+    (bench/llamacpp.py), or None where llama_cpp cannot be imported (with a note)."""
     import torch
 
     from bench import llamacpp
@@ -257,12 +268,24 @@ def measure_llamacpp(args, gguf: Path, notes: list[str]) -> dict | None:
         notes.append(f"llama.cpp anchor skipped: {args.llamacpp_python} cannot import llama_cpp "
                      "(see bench/llamacpp.py for how to install it)")
         return None
-    step(f"llama.cpp anchor (llama-cpp-python, {torch.get_num_threads()} threads, same file)")
-    result = llamacpp.run_child(args.llamacpp_python, gguf, torch.get_num_threads(), args.tokens, SINGLE_PROMPT,
-                                PREFILL_TEXT)
-    if "error" in result:
-        notes.append(f"llama.cpp anchor failed: {result['error']}")
-    return result
+    threads = torch.get_num_threads()
+
+    def run_once() -> dict:
+        return llamacpp.run_child(args.llamacpp_python, gguf, threads, args.tokens, SINGLE_PROMPT, PREFILL_TEXT)
+
+    return run_once
+
+
+def merge_anchor_runs(runs: list[dict]) -> dict:
+    """llama.cpp's figures over the repetitions: the median of each, and every run."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return {"error": runs[0]["error"] if runs else "not run"}
+    merged = {key: good[0][key] for key in ("version", "threads", "decode_tokens", "prefill_tokens") if key in good[0]}
+    for key in ("load_s", "decode_tok_s", "prefill_s", "prefill_tok_s"):
+        values = [r[key] for r in good if r.get(key) is not None]
+        merged[key] = round(median(values), 3) if values else None
+    return {**merged, "interleaved": True, "runs": runs}
 
 
 def measure_followup(args, running, main_dir: Path, notes: list[str]) -> dict:

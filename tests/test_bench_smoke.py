@@ -51,3 +51,20 @@ def test_ratios_targets_and_table():
     assert "Targets" in text and "a note" in text and "engine, chat sampling" in text
     assert "first /v1 token at 3.900 s, web UI at 9.000 s" in text
     json.dumps(result)
+
+
+def test_llamacpp_runs_interleaved_with_ours_are_merged_by_median():
+    runs = [{"version": "0.3", "threads": 2, "load_s": 1.0, "decode_tok_s": 40.0, "decode_tokens": 65,
+             "prefill_tokens": 512, "prefill_s": 1.6, "prefill_tok_s": 320.0},
+            {"error": "exit 1: crashed"},
+            {"version": "0.3", "threads": 2, "load_s": 0.8, "decode_tok_s": 48.0, "decode_tokens": 65,
+             "prefill_tokens": 512, "prefill_s": 1.4, "prefill_tok_s": 366.0}]
+    merged = run.merge_anchor_runs(runs)
+    assert merged["decode_tok_s"] == 44.0 and merged["prefill_tok_s"] == 343.0 and merged["load_s"] == 0.9
+    assert merged["interleaved"] and merged["runs"] == runs and "error" not in merged
+    assert run.merge_anchor_runs([{"error": "no llama_cpp"}]) == {"error": "no llama_cpp"}
+    result = fake_results()
+    result["llamacpp"], result["prefill"] = merged, {"tokens": 512, "seconds": 1.5, "tok_s": 341.3}
+    result["meta"] = run.describe_machine(run.parse_args([]), [])
+    ratios = report.compute_ratios(result)
+    assert ratios["decode_vs_llamacpp"] == round(20.0 / 44.0, 4) and ratios["prefill_vs_llamacpp"] == round(341.3 / 343.0, 4)
