@@ -44,7 +44,7 @@ WIDE_MAX_WEIGHTS = 1 << 24
 WIDE_ROWS_INT4 = 128
 # int8 weights with the AVX2 kernel: the kernel serves inputs of fewer rows than this (a batch's
 # prefill of short prompts, a chunk of a long one), the dequantized float product wider ones
-# (bench/RESULTS.md: the kernel 1.3-1.7x faster at 192 rows, even at 512).
+# (bench/RESULTS.md: the kernel 1.2-1.7x faster at 192 rows, 0.85-0.93x at 512).
 NATIVE_ROWS_INT8 = 256
 
 
