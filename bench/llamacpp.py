@@ -59,7 +59,10 @@ def run_child(python: str, model: Path, threads: int, tokens: int, prompt: str, 
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit {done.returncode}: {tail[0]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"error": f"no figures in its output: {done.stdout.strip()[-200:]!r}"}
 
 
 def available(python: str) -> bool:

@@ -22,6 +22,7 @@ release that changes them shows up there.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import numpy as np
@@ -68,6 +69,7 @@ DEFAULTS = {
                     "attn_logit_softcapping": None, "use_bidirectional_attention": False,
                     "_sliding_window_pattern": 6, "rope_theta": 1000000.0},
 }
+log = logging.getLogger(__name__)
 GEMMA_LOCAL_ROPE_THETA = 10000.0  # Gemma 3's sliding-window layers (`rope_local_base_freq`)
 
 
@@ -124,13 +126,15 @@ def llama3_rope(divisors: np.ndarray, theta: float, head_dim: int) -> dict:
     """The rotary parameters of a `rope_freqs` tensor: "llama3" parameters giving the same divisors.
 
     llama.cpp divides rotary frequency i (theta^(-2i/d), wavelength w_i = 2 pi / frequency) by
-    divisor[i]: 1 for short wavelengths, `factor` for long ones, 1 / ((1 - s) / factor + s) between,
-    with s = (original / w - low) / (high - low). So s is a straight line in 1 / w, s = a / w + b, and only
-    a and b (with `factor`) decide the frequencies. They are fitted to the in-between divisors and
-    written as low = 1 (Llama 3's own value), high = 1 - 1 / b, original = -a / b. With one or no
-    divisor in between (small heads) the line is underdetermined: Llama 3's low 1 and high 4 are
-    kept, and `original` is whatever the divisors fix (the largest power of two that fits where none
-    does). The result is checked against every divisor; anything else is refused (`UnreadableConfig`).
+    divisor[i]: 1 for short wavelengths (w < original / high), `factor` for long ones (w > original /
+    low), 1 / ((1 - s) / factor + s) between, with s = (original / w - low) / (high - low). So s is a
+    straight line in 1 / w, s = a / w + b, and only a and b (with `factor`) decide the frequencies. They
+    are fitted to the in-between divisors and written as low = 1 (Llama 3's own value), high = 1 - 1 / b,
+    original = -a / b. With one or no divisor in between (small heads) the line is underdetermined:
+    low 1 and high 4 (Llama 3's) where they fit, else a high that does. The result is checked against
+    every divisor. A tensor of the wrong size or with values that are not positive is refused
+    (`UnreadableConfig`); divisors of another shape are logged and left out (the model runs unscaled,
+    as transformers' loader runs it).
     """
     divisors = np.asarray(divisors, dtype=np.float64).reshape(-1)
     base = {"rope_theta": float(theta), "rope_type": "default"}
@@ -139,28 +143,47 @@ def llama3_rope(divisors: np.ndarray, theta: float, head_dim: int) -> dict:
                                f"{head_dim // 2} rotary frequencies")
     if not np.all(np.isfinite(divisors) & (divisors > 0)):
         raise UnreadableConfig("rope_freqs holds values that are not positive numbers")
-    if np.allclose(divisors, 1.0, rtol=0, atol=1e-6):
+    if np.allclose(divisors, 1.0, rtol=0, atol=1e-4):
         return base
+    rope = _fit_llama3(divisors, float(theta), head_dim)
+    if rope is None:
+        log.warning("rope_freqs does not follow Llama 3's rotary scaling; the model runs without it")
+        return base
+    return rope
+
+
+def _fit_llama3(divisors: np.ndarray, theta: float, head_dim: int) -> dict | None:
     factor = float(divisors.max())
-    wavelengths = 2 * np.pi * float(theta) ** (np.arange(0, head_dim, 2) / head_dim)
-    between = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+    if divisors.min() < 1 - 1e-4:
+        return None
+    wavelengths = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    kept, divided = divisors <= 1 + 1e-4, divisors >= factor * (1 - 1e-4)
+    between = ~kept & ~divided
     smooth = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+    longest, shortest = wavelengths[kept].max(initial=0.0), float(wavelengths[divided].min())
+    high = 4.0
     if between.sum() >= 2:
         a, b = np.polyfit(1 / wavelengths[between], smooth, 1)
-        low, high, original = 1.0, 1 - 1 / b if b < 0 else float("nan"), -a / b if b < 0 else float("nan")
-    else:
-        low, high = 1.0, 4.0
-        if between.any():
-            original = float((smooth[0] * (high - low) + low) * wavelengths[between][0])
-        else:  # short wavelengths (< original / high) kept, long ones (> original / low) divided
-            shortest = wavelengths[divisors > 1 + 1e-4].min()
-            longest = wavelengths[divisors <= 1 + 1e-4].max(initial=0.0)
-            original = float(2 ** np.floor(np.log2(shortest))) if shortest > high * longest else float("nan")
-    rope = {**base, "rope_type": "llama3", "factor": _tidy(factor), "low_freq_factor": low,
+        if b >= 0:
+            return None
+        high, original = 1 - 1 / b, -a / b
+    elif between.any():  # original = w (1 + s (high - 1)); kept need original > high * longest, divided <= shortest
+        w, s = float(wavelengths[between][0]), float(smooth[0])
+        top = 1 + (shortest / w - 1) / s
+        if s * w < longest:
+            top = min(top, w * (1 - s) / (longest - s * w))
+        high = high if high < top else (1 + top) / 2
+        original = w * (1 + s * (high - 1))
+    else:  # kept need original > high * longest, divided original <= shortest: a power of two if one fits
+        original = float(2 ** np.floor(np.log2(shortest)))
+        if original <= high * longest:
+            original, high = shortest, (1 + shortest / longest) / 2
+    rope = {"rope_theta": theta, "rope_type": "llama3", "factor": _tidy(factor), "low_freq_factor": 1.0,
             "high_freq_factor": _tidy(high), "original_max_position_embeddings": _tidy(original)}
-    if not np.isfinite(original) or not np.allclose(llama3_divisors(rope, head_dim), divisors, rtol=1e-4, atol=0):
-        raise UnreadableConfig("rope_freqs does not follow Llama 3's rotary scaling")
-    if float(rope["original_max_position_embeddings"]).is_integer():
+    if not (high > 1 and np.isfinite(original)) or not np.allclose(llama3_divisors(rope, head_dim), divisors,
+                                                                     rtol=1e-4, atol=0):
+        return None
+    if rope["original_max_position_embeddings"].is_integer():
         rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
     return rope
 
@@ -176,10 +199,13 @@ def llama3_divisors(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def _tidy(value: float) -> float:
-    """`value`, or the round number it is within float32 rounding of (8.0, not 8.000000476837158)."""
+    """`value`, or the round number it is within float32 rounding of (8.0, not 8.000000476837158;
+    8192.0, not 8192.0031)."""
     value = float(value)
-    rounded = round(value, 3)
-    return rounded if abs(rounded - value) <= 1e-5 * max(1.0, abs(value)) else value
+    for rounded in (float(round(value)), round(value, 3)):
+        if abs(rounded - value) <= 1e-5 * max(1.0, abs(value)):
+            return rounded
+    return value
 
 
 # ----- tensor names -------------------------------------------------------------------------------

@@ -349,23 +349,31 @@ def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype,
     return folder
 
 
+REFRESHED_KEYS = ("rope_parameters",)  # config.json keys a cached conversion's weights do not depend on
+
+
 def refresh_config(header: GGUFHeader, folder: Path) -> None:
-    """Rewrite a cached checkpoint's `config.json` where this version reads the GGUF differently (e.g.
-    Llama 3.1's rotary scaling, which conversions before it left out): the weights stay as they are."""
+    """Bring a cached checkpoint's `config.json` up to date where this version reads the GGUF
+    differently in a way the converted weights do not depend on (`REFRESHED_KEYS`: Llama 3.1's
+    rotary scaling, which conversions before it left out). Written in place of the old file, atomically."""
     path = folder / "config.json"
     stored = json.loads(path.read_text(encoding="utf-8"))
-    stored = stored if isinstance(stored, dict) else {}
-    stored.pop("transformers_version", None)  # written by conversions through transformers: not config
-    wanted = json.loads(json.dumps({**build_config(header), "dtype": stored.get("dtype")}))
-    if stored == wanted:
+    if not isinstance(stored, dict):
+        return  # checkpoint_problem has read it: only a hand edit gets here, and the load will say so
+    wanted = json.loads(json.dumps(build_config(header)))
+    changed = [key for key in REFRESHED_KEYS if stored.get(key) != wanted.get(key)]
+    if not changed:
         return
-    changed = sorted(key for key in wanted.keys() | stored.keys() if stored.get(key) != wanted.get(key))
     log.info("updating %s's cached config (%s)", header.path.name, ", ".join(changed))
+    updated = {**stored, **{key: wanted.get(key) for key in changed}}
     staging = None
     try:
-        fd, staging = tempfile.mkstemp(dir=folder, suffix=".partial")
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".config.", suffix=".partial")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+            handle.write(json.dumps(updated, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(staging, path.stat().st_mode & 0o777)
         os.replace(staging, path)
     except OSError as error:
         if staging:

@@ -6,7 +6,8 @@ matches how its weight is stored, and leaves the model code alone.
 
 - `Int4Linear`: `torch._weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero each.
 - `Int8Linear`: `torch._weight_int8pack_mm`, one scale per output row; on AVX2 CPUs the C kernel of
-  models/native_kernels.py for decode-sized inputs (int8 activations, faster there).
+  models/native_kernels.py for decode steps and short prefills (int8 activations, faster there), as
+  for `Int4Linear`'s 4-bit groups.
 - `FusedRMSNorm`: the architectures' RMS norms as one fused op (`F.rms_norm`) instead of six; a
   decode step runs ~110 of them (Gemma 3 270M), so their per-op overhead adds up.
 - `Int8Embedding`: looks rows up in the int8 table and scales them; it shares its table with the
@@ -33,8 +34,9 @@ from .cpu_model import RMSNorm
 GROUP = 32
 PACK_ROWS = 64  # rows torch's CPU int4 layout interleaves together
 KERNEL_DTYPE = torch.bfloat16  # what the int4/int8 kernels read: inputs, scales, outputs
-# int8 weights multiply inputs of this many rows or more (a prompt's prefill) dequantized, in the
-# activations' dtype: faster than the int8 kernel for prefill-sized inputs. Only for weights of at most
+# int8 weights without the AVX2 kernel multiply inputs of this many rows or more (a prompt's prefill)
+# dequantized, in the activations' dtype: faster than torch's int8 kernel there (with the AVX2 kernel,
+# `NATIVE_ROWS_INT8` below decides instead). Only for weights of at most
 # WIDE_MAX_WEIGHTS values: the transient dense copy of a 262k-token output table would be 670 MB.
 WIDE_ROWS = 32
 WIDE_MAX_WEIGHTS = 1 << 24

@@ -189,9 +189,9 @@ def test_the_native_layer_stack_matches_the_loop(native_models, arch, texts):
 @needs_native
 @pytest.mark.parametrize("arch", ARCHS)
 def test_long_contexts_split_the_keys_between_threads(native_models, arch):
-    """Past 128 keys a row's attention is split into pieces done apart and merged (native/layers.c's
-    `attention`): the same logits as the loop, for a lone row and for a padded batch, inside gemma3's
-    window and across it."""
+    """With more keys than 64 and threads to share them, a row's attention is split into pieces done
+    apart and merged (native/layers.c's `attention`): the same logits as the loop, for a lone row and for
+    a padded batch, inside gemma3's window and across it."""
     lm = native_models[arch]
     step = make_decode_step(lm.model)
     text = " ".join(["The quick brown fox jumps over the lazy dog and the cat sat on the mat."] * 8)

@@ -182,6 +182,8 @@ def transformers_frequencies(rope: dict, head_dim: int) -> torch.Tensor:
     (16, 500000.0, (8.0, 1.0, 4.0, 8192), True),  # one frequency in between
     (32, 10000.0, (4.0, 2.0, 8.0, 4096), False),  # other values: an equivalent set is found
     (8, 10000.0, (8.0, 1.0, 4.0, 64), False),  # none in between
+    (12, 15625.0, (8.0, 1.0, 4.0, 700), False),  # none in between, no power of two fits
+    (16, 10000.0, (8.0, 1.0, 1.5, 288.1), False),  # one in between, where high 4 does not fit
 ])
 def test_llama3_scaling_is_read_back_from_rope_freqs(head_dim, theta, params, exact):
     divisors = llamacpp_divisors(head_dim, theta, *params)
@@ -196,15 +198,18 @@ def test_llama3_scaling_is_read_back_from_rope_freqs(head_dim, theta, params, ex
     assert json.loads(json.dumps(rope)) == rope
 
 
-def test_rope_freqs_that_are_not_llama3_are_refused():
-    assert gguf_arch.llama3_rope(np.ones(8, dtype=np.float32), 10000.0, 16) == \
-        {"rope_theta": 10000.0, "rope_type": "default"}
+def test_rope_freqs_that_are_not_llama3_are_refused_or_left_out(caplog):
+    plain = {"rope_theta": 10000.0, "rope_type": "default"}
+    assert gguf_arch.llama3_rope(np.ones(8, dtype=np.float32), 10000.0, 16) == plain
+    assert gguf_arch.llama3_rope(np.full(8, 1.00002, dtype=np.float32), 10000.0, 16) == plain
     with pytest.raises(gguf_arch.UnreadableConfig, match="rotary frequencies"):
         gguf_arch.llama3_rope(np.ones(5, dtype=np.float32), 10000.0, 16)
     with pytest.raises(gguf_arch.UnreadableConfig, match="not positive"):
         gguf_arch.llama3_rope(np.array([1, 1, 1, 1, 0, 8, 8, 8], dtype=np.float32), 10000.0, 16)
-    with pytest.raises(gguf_arch.UnreadableConfig, match="Llama 3"):
-        gguf_arch.llama3_rope(np.array([1, 3, 1, 2, 5, 1, 8, 8], dtype=np.float32), 10000.0, 16)
+    for other in ([1, 3, 1, 2, 5, 1, 8, 8], [0.5] * 8, [1, 1, 1, 1, 8, 8, 8, 2]):  # not Llama 3's shape
+        caplog.clear()
+        assert gguf_arch.llama3_rope(np.array(other, dtype=np.float32), 10000.0, 16) == plain
+        assert "does not follow Llama 3" in caplog.text
 
 
 def test_a_llama_gguf_with_rope_freqs_converts_and_runs_scaled(tmp_path, model_cache, caplog):
@@ -236,7 +241,10 @@ def test_a_llama_gguf_with_rope_freqs_converts_and_runs_scaled(tmp_path, model_c
     with caplog.at_level("INFO", logger="models.loader"):
         again = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
     assert "rope_parameters" in caplog.text
-    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    refreshed = json.loads((folder / "config.json").read_text())
+    assert refreshed["rope_parameters"]["rope_type"] == "llama3"
+    assert refreshed == {**config, "rope_parameters": refreshed["rope_parameters"]}  # nothing else rewritten
+    assert not list(folder.glob("*.partial"))
     assert torch.allclose(again.model.model.rotary_emb.frequencies["full_attention"], want, rtol=1e-5, atol=0)
     assert (folder / "model.safetensors").stat().st_mtime_ns == weights
     caplog.clear()

@@ -48,6 +48,35 @@ def test_matches_a_float_reference(kernels, m, k, n):
 
 
 @needs_avx2
+def test_activations_are_quantized_as_llama_cpp_does(kernels):
+    """Each block of 32: d = max |x| / 127, q = x / d rounded half to even, and the sum of the q — byte for
+    byte, on values over many magnitudes, exact halves, zeros and denormal blocks (which become zeros)."""
+    import ctypes
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((64, 256)) * 10.0 ** rng.integers(-30, 30, (64, 1))).astype(np.float32)
+    x[1, :32] = np.arange(32) - 15.5  # a ramp through zero
+    x[2, :32] = np.where(np.arange(32) % 2, 127.0, 2.5)  # d = 1: 2.5 is a tie, rounded to 2 (even)
+    x[3, :32] = 0.0
+    x[4, :32] = 1e-40  # denormal: a block of zeros
+    m, k = x.shape
+    q = np.empty((m, k), dtype=np.int8)
+    scale, sums = np.empty((m, k // 32), dtype=np.float32), np.empty((m, k // 32), dtype=np.float32)
+    pointer = ctypes.c_void_p
+    kernels._lib.quantize_rows.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer, pointer]
+    kernels._lib.quantize_rows(x.ctypes.data, m, k, q.ctypes.data, scale.ctypes.data, sums.ctypes.data)
+    blocks = x.reshape(m, k // 32, 32)
+    d = (np.abs(blocks).max(axis=-1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        inverse = np.float32(1) / d
+    d[~(inverse <= np.finfo(np.float32).max)] = 0  # 1 / d overflows (or d is 0): the block is zeros
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    want = np.rint(blocks * inverse[..., None]).astype(np.int8)
+    assert np.array_equal(scale, d) and np.array_equal(q, want.reshape(m, k))
+    assert np.array_equal(sums, want.sum(axis=-1, dtype=np.int32).astype(np.float32))
+
+
+@needs_avx2
 def test_blocks_are_scaled_on_their_own(kernels):
     """A block of large values beside a block of small ones: each block keeps its own precision."""
     x = torch.cat([torch.full((1, 32), 1000.0), torch.full((1, 32), 0.001)], dim=1)
@@ -63,7 +92,7 @@ def test_zero_activations_give_zeros(kernels):
 
 
 @needs_avx2
-def test_int8_linear_uses_it_for_decode_sized_inputs_only(kernels, monkeypatch):
+def test_int8_linear_uses_it_for_decode_steps_and_short_prefills(kernels, monkeypatch):
     weights = (np.random.default_rng(3).standard_normal((96, 64)) * 0.05).astype(np.float32)
     table = int8_rows(weights)
     q, scale = torch.from_numpy(table.q), torch.from_numpy(table.scale).bfloat16()

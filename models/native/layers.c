@@ -89,10 +89,11 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t dim) {
 }
 
 /* exp(x) for 8 floats: x = n ln2 + r, exp(r) by a degree-7 polynomial (relative error ~1e-7), times 2^n.
- * Arguments are clamped to where float32 exp is finite and normal. */
+ * Arguments are clamped to where float32 exp is finite and normal; NaN gives NaN. */
 static inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x)); /* a NaN stays NaN */
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -188,9 +189,10 @@ typedef struct {
 } Attention;
 
 /* Each row's keys split so that a step has at least two pieces of work per thread where it can (one row
- * of a model with one kv head is otherwise one thread's work), pieces of 64 keys or more. */
+ * of a model with one kv head is otherwise one thread's work), pieces of about 64 keys or more (a
+ * layer whose window holds fewer keys takes fewer pieces: `attention`). */
 static int attention_scratch(const Config *c, int64_t m, int64_t span, Attention *a) {
-  int64_t pairs = m * c->kv_heads, threads = c->threads > 0 ? c->threads : 1;
+  int64_t pairs = m * c->kv_heads > 0 ? m * c->kv_heads : 1, threads = c->threads > 0 ? c->threads : 1;
   int64_t want = (2 * threads + pairs - 1) / pairs;
   a->chunk = (span + want - 1) / want;
   a->chunk = a->chunk < 64 ? 64 : a->chunk;
@@ -208,12 +210,13 @@ static int attention_scratch(const Config *c, int64_t m, int64_t span, Attention
 static void attention(const Config *c, const Layer *l, int64_t m, const float *q, const int64_t *start,
                       int64_t length, const Attention *a, float *att) {
   int64_t hd = c->head_dim, qdim = c->heads * hd, group = c->heads / c->kv_heads;
-  int64_t units = m * c->kv_heads * a->chunks;
   int64_t lowest = l->window > 0 && length - l->window + 1 > 0 ? length - l->window + 1 : 0;
-  int64_t chunk = (length + 1 - lowest + a->chunks - 1) / a->chunks; /* at most a->chunk */
+  int64_t range = length + 1 - lowest, pieces = (range + 63) / 64; /* a window's keys: fewer pieces */
+  pieces = pieces < a->chunks ? pieces : a->chunks;
+  int64_t chunk = (range + pieces - 1) / pieces, units = m * c->kv_heads * pieces; /* chunk <= a->chunk */
 #pragma omp parallel for num_threads(c->threads) schedule(dynamic) if (units * chunk * group * hd > (1 << 17))
   for (int64_t unit = 0; unit < units; unit++) {
-    int64_t piece = unit % a->chunks, pair = unit / a->chunks, r = pair / c->kv_heads, kv = pair % c->kv_heads;
+    int64_t piece = unit % pieces, pair = unit / pieces, r = pair / c->kv_heads, kv = pair % c->kv_heads;
     int64_t first = start[r];
     if (l->window > 0 && length - l->window + 1 > first) first = length - l->window + 1;
     int64_t lo = lowest + piece * chunk, hi = lo + chunk;
@@ -228,13 +231,13 @@ static void attention(const Config *c, const Layer *l, int64_t m, const float *q
     for (int64_t h = 0; h < group; h++) {
       int64_t r = pair / c->kv_heads, head = (pair % c->kv_heads) * group + h;
       float largest = -INFINITY, total = 0.f, *o = att + r * qdim + head * hd;
-      for (int64_t piece = 0; piece < a->chunks; piece++) {
-        float t = a->top[(pair * a->chunks + piece) * group + h];
+      for (int64_t piece = 0; piece < pieces; piece++) {
+        float t = a->top[(pair * pieces + piece) * group + h];
         largest = t > largest ? t : largest;
       }
       memset(o, 0, sizeof(float) * hd);
-      for (int64_t piece = 0; piece < a->chunks; piece++) {
-        int64_t at = (pair * a->chunks + piece) * group + h;
+      for (int64_t piece = 0; piece < pieces; piece++) {
+        int64_t at = (pair * pieces + piece) * group + h;
         if (a->total[at] == 0.f) continue;
         float weight = expf(a->top[at] - largest);
         total += weight * a->total[at];

@@ -1,4 +1,4 @@
-/* int8 and int4 weights x int8 activations for small row counts (decode steps) on AVX2 CPUs.
+/* int8 and int4 weights x int8 activations on AVX2 CPUs, for decode steps and short prefills.
  *
  * Each activation row is quantized to int8 in blocks of 32 values, one float scale per block.
  * q8_matmul: int8 weights with one float scale per output row (models/qlinear.py's Int8Linear):
@@ -13,6 +13,7 @@
  *
  * Built at run time by models/native_kernels.py; nothing here depends on Python or torch.
  */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -36,6 +37,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale, flo
     l = _mm_max_ps(l, _mm_movehl_ps(l, l));
     l = _mm_max_ss(l, _mm_shuffle_ps(l, l, 1));
     float d = _mm_cvtss_f32(l) / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
+    if (!(inverse <= FLT_MAX)) d = 0.f, inverse = 0.f; /* a block of denormals (or NaN): zeros */
     scale[b] = d;
     __m256i ints[4];
     for (int i = 0; i < 4; i++) ints[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inverse)));
