@@ -37,7 +37,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale, flo
     l = _mm_max_ps(l, _mm_movehl_ps(l, l));
     l = _mm_max_ss(l, _mm_shuffle_ps(l, l, 1));
     float d = _mm_cvtss_f32(l) / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
-    if (!(inverse <= FLT_MAX)) d = 0.f, inverse = 0.f; /* a block of denormals (or NaN): zeros */
+    if (!(inverse <= FLT_MAX)) d = 0.f, inverse = 0.f; /* a block of denormals: zeros */
     scale[b] = d;
     __m256i ints[4];
     for (int i = 0; i < 4; i++) ints[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inverse)));
