@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -365,19 +364,12 @@ def refresh_config(header: GGUFHeader, folder: Path) -> None:
     if not changed:
         return
     log.info("updating %s's cached config (%s)", header.path.name, ", ".join(changed))
+    from sessions.storage import atomic_write_bytes  # the project's crash-safe write (README: Layout)
+
     updated = {**stored, **{key: wanted.get(key) for key in changed}}
-    staging = None
     try:
-        fd, staging = tempfile.mkstemp(dir=folder, prefix=".config.", suffix=".partial")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(updated, indent=2, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(staging, path.stat().st_mode & 0o777)
-        os.replace(staging, path)
+        atomic_write_bytes(path, (json.dumps(updated, indent=2, sort_keys=True) + "\n").encode())
     except OSError as error:
-        if staging:
-            Path(staging).unlink(missing_ok=True)
         raise LoadError(f"could not update the cached config {path} ({error})") from error
 
 

@@ -151,8 +151,8 @@ class Int4Linear(nn.Module):
         if self.native is not None and rows < WIDE_ROWS_INT4:
             y = self.native.matmul4(_flat(x, self.in_features, torch.float32), self.nibbles, self.native_scales)
             return _finish(y, x, self.out_features, self.bias)
-        if (self.native is not None and rows >= WIDE_ROWS_INT4 and x.dtype == torch.float32
-                and self.out_features * self.in_features <= WIDE_MAX_WEIGHTS):
+        if (self.native is not None and x.dtype == torch.float32
+                and self.out_features * self.in_features <= WIDE_MAX_WEIGHTS):  # WIDE_ROWS_INT4 rows or more
             return F.linear(x, self.native.dequantize4(self.nibbles, self.native_scales), self.bias)
         flat = _flat(x, self.in_features, self.scales_zeros.dtype)
         y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
