@@ -14,10 +14,13 @@ and fixed:
   here), and Gemma's norm weights as 1 + w (transformers' Gemma keeps w);
 - Llama 3.1 / 3.2's rotary scaling, which llama.cpp stores as a `rope_freqs` tensor (one divisor per
   frequency) and transformers' GGUF loader drops: `llama3_rope` finds the "llama3" parameters that give
-  those divisors, so the model runs with the frequencies it was trained with.
+  those divisors, so the model runs with the frequencies it was trained with;
+- Gemma 3 27B's attention scale, which no GGUF key holds: llama.cpp (and Google's reference code) scale
+  its queries by 1/sqrt(hidden / heads) = 1/sqrt(168), every other size by 1/sqrt(head_dim) (256), the
+  value transformers' loader gives them all (`gemma3_query_scalar`).
 
 Tests check each against transformers' own (config.json, name map, converted bytes), so a transformers
-release that changes them shows up there.
+release that changes them shows up there; the two departures above are tested on their own.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ def checkpoint_config(architecture: str, metadata, tensor_names: set[str], vocab
         config["rope_parameters"] = {"full_attention": {"rope_theta": theta, "rope_type": "default"},
                                      "sliding_attention": {"rope_theta": GEMMA_LOCAL_ROPE_THETA,
                                                            "rope_type": "default"}}
+        config["query_pre_attn_scalar"] = gemma3_query_scalar(config)
         return config
     config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
     if model_type == "llama":
@@ -119,6 +123,18 @@ def checkpoint_config(architecture: str, metadata, tensor_names: set[str], vocab
     else:
         config["layer_types"] = ["full_attention"] * layers
     return config
+
+
+GEMMA3_27B_LAYERS = 62  # how llama.cpp tells Gemma 3 27B from the other sizes (1B 26, 4B 34, 12B 48, 270M 18)
+
+
+def gemma3_query_scalar(config: dict) -> int:
+    """Gemma 3's `query_pre_attn_scalar` (queries are scaled by its inverse square root): hidden size / heads
+    for the 27B model (168; its head_dim is 128), as llama.cpp and Google's reference code take it; otherwise
+    transformers' default 256, which is every other size's head_dim."""
+    if config["num_hidden_layers"] == GEMMA3_27B_LAYERS:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return DEFAULTS["gemma3_text"]["query_pre_attn_scalar"]
 
 
 # ----- Llama 3's rotary scaling -------------------------------------------------------------------

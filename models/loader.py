@@ -348,13 +348,14 @@ def prepare_checkpoint(header: GGUFHeader, cache_root: Path, dtype: torch.dtype,
     return folder
 
 
-REFRESHED_KEYS = ("rope_parameters",)  # config.json keys a cached conversion's weights do not depend on
+# config.json keys a cached conversion's weights do not depend on
+REFRESHED_KEYS = ("rope_parameters", "query_pre_attn_scalar")
 
 
 def refresh_config(header: GGUFHeader, folder: Path) -> None:
     """Bring a cached checkpoint's `config.json` up to date where this version reads the GGUF
     differently in a way the converted weights do not depend on (`REFRESHED_KEYS`: Llama 3.1's
-    rotary scaling, which conversions before it left out). Written in place of the old file, atomically."""
+    rotary scaling and Gemma 3 27B's attention scale, which conversions before them had wrong). Written in place of the old file, atomically."""
     path = folder / "config.json"
     stored = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(stored, dict):

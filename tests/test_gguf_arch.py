@@ -251,3 +251,37 @@ def test_a_llama_gguf_with_rope_freqs_converts_and_runs_scaled(tmp_path, model_c
     with caplog.at_level("INFO", logger="models.loader"):
         load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
     assert "cached config" not in caplog.text  # up to date now: not written again
+
+
+def test_gemma3_27b_scales_its_queries_as_llamacpp_does(headers, tmp_path):
+    """Gemma 3 27B's queries are scaled by 1/sqrt(hidden / heads) = 1/sqrt(168) (llama.cpp, Google's reference
+    code); transformers' GGUF loader gives every size its default 256, which is right for the others only."""
+    header = headers["gemma3"]
+    names = {info.name for info in header.tensors}
+    vocabulary = header.metadata.length("tokenizer.ggml.tokens")
+    sizes = {18: (640, 4, 256), 26: (1152, 4, 256), 34: (2560, 8, 256), 48: (3840, 16, 256), 62: (5376, 32, 128)}
+    for layers, (hidden, heads, head_dim) in sizes.items():
+        metadata = {**scalar_metadata(header), "gemma3.block_count": layers, "gemma3.embedding_length": hidden,
+                    "gemma3.attention.head_count": heads, "gemma3.attention.key_length": head_dim}
+        ours = gguf_arch.checkpoint_config("gemma3", metadata, names, vocabulary)
+        theirs = transformers_config_json("gemma3", metadata, names, vocabulary, tmp_path / str(layers))
+        assert ours["query_pre_attn_scalar"] == (168 if layers == 62 else 256)
+        assert {**json.loads(json.dumps(ours)), "query_pre_attn_scalar": 256} == theirs  # nothing else differs
+
+
+def test_a_cached_gemma3_27b_conversion_gets_its_attention_scale(tmp_path, model_cache, caplog):
+    """A 62-layer Gemma runs with hidden / heads as its query scalar, also from a conversion cached before."""
+    from models.loader import LoadOptions, checkpoint_dir, load_model
+
+    path = write_tiny_gguf(tmp_path / "deep.gguf", "gemma3", layers=62, hidden=64, heads=4, kv_heads=1, ffn=64)
+    lm = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
+    assert lm.model.config.query_pre_attn_scalar == 16
+    assert all(layer.self_attn.scaling == 16 ** -0.5 for layer in lm.model.model.layers)
+    folder = checkpoint_dir(model_cache, path, torch.float32, "quantized")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": 256}))  # as before
+    with caplog.at_level("INFO", logger="models.loader"):
+        again = load_model(path, model_cache, LoadOptions(weights="quantized", kernels="torch"))
+    assert "query_pre_attn_scalar" in caplog.text
+    assert json.loads((folder / "config.json").read_text()) == config
+    assert again.model.model.layers[0].self_attn.scaling == 16 ** -0.5
