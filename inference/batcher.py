@@ -22,7 +22,7 @@ from . import kv
 from .generate import Chunk
 from .params import GenerationParams
 from .request import Request
-from .sampling import sample_next
+from .sampling import greedy_tokens, sample_next
 
 
 # An idle loop given a request waits this long for another to arrive before prefilling, and again after
@@ -303,7 +303,7 @@ class BatchScheduler:
             # no padding anywhere: no mask at all (causal masks only, SDPA's fast path)
             logits = self.lm.decode(tokens, positions, batch.cache, mask if batch.padded else None)
         self.steps += 1
-        greedy = logits.argmax(-1).tolist() if any(_plain_greedy(r) for r in rows) else None  # one call for all
+        greedy = greedy_tokens(logits) if any(_plain_greedy(r) for r in rows) else None  # one call for all
         keep = []
         for index, request in enumerate(rows):
             request.fed.append(request.produced[-1])

@@ -148,3 +148,29 @@ def test_presence_and_frequency_penalties_follow_openais_formula():
     assert penalised.tolist() == [1.0, 2.0 - 0.5 - 0.25, 3.0, 4.0 - 0.5 - 0.5]
     assert sample_next(logits, GenerationParams(temperature=0.0, frequency_penalty=2.0), None, history) == 2
     assert not GenerationParams(temperature=0.0).penalised
+
+
+@pytest.mark.parametrize("k", [1, 40, 256, 1024, 40_000])
+def test_best_is_torchs_topk(k):
+    """`best` (a numpy threshold first, on long CPU rows) picks what torch.topk picks, best first."""
+    from inference.sampling import best
+
+    for logits in (peaked_logits(seed=k, spread=3.0), peaked_logits(seed=k, spread=0.3), torch.randn(5000)):
+        values, ids = best(logits, min(k, logits.numel()))
+        want_values, want_ids = torch.topk(logits, min(k, logits.numel()))
+        assert torch.equal(values, want_values)
+        assert torch.equal(logits[ids], want_values) and ids.unique().numel() == ids.numel()
+
+
+def test_best_and_greedy_treat_nan_and_ties_as_torch_does():
+    from inference.sampling import best, greedy_tokens
+
+    logits = peaked_logits(seed=1, spread=1.0)
+    logits[77] = float("nan")
+    assert torch.equal(best(logits, 40)[1], torch.topk(logits, 40)[1])  # NaN first, as torch's topk has it
+    rows = torch.randn(3, VOCAB)
+    rows[1, 9] = float("nan")
+    rows[2, [5, 6]] = 100.0  # a tie: the first
+    assert greedy_tokens(rows) == rows.argmax(-1).tolist() == [int(rows[0].argmax()), 9, 5]
+    assert greedy_tokens(rows[0]) == [int(rows[0].argmax())]
+    assert greedy_tokens(rows.to(torch.bfloat16)) == rows.to(torch.bfloat16).argmax(-1).tolist()
