@@ -46,7 +46,10 @@ WIDE_MAX_WEIGHTS = 1 << 24
 WIDE_ROWS_INT4 = 128
 # int8 weights with the AVX2 kernel: the kernel serves inputs of fewer rows than this (a batch's
 # prefill of short prompts, a chunk of a long one), the dequantized float product wider ones
-# (bench/RESULTS.md: the kernel 1.2-1.7x faster at 192 rows, 0.85-0.93x at 512).
+# (bench/RESULTS.md: the kernel 1.2-1.7x faster at 192 rows, 0.85-0.93x at 512). A table too large
+# to dequantize (an output projection over a large vocabulary, for a whole prompt's logits) stays on
+# the kernel at any width: ~1.8x faster than torch's int8 kernel there (2.5 against 4.3-4.8 s for
+# 512 rows of Gemma 3's 262,144-token table).
 NATIVE_ROWS_INT8 = 256
 
 
@@ -167,7 +170,7 @@ class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W int8 and one scale per output row.
 
     `native`: the AVX2 kernel (models/native_kernels.py), used for inputs of fewer than `NATIVE_ROWS_INT8`
-    rows; it quantizes the activations to int8 in blocks of 32, so its results differ from the
+    rows, and for all inputs where the weights are too many to dequantize (`WIDE_MAX_WEIGHTS`); it quantizes the activations to int8 in blocks of 32, so its results differ from the
     bfloat16-input kernel's by rounding (the quality gate in tests/test_models_bundled.py bounds it).
     """
 
@@ -184,7 +187,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.native is not None and rows < NATIVE_ROWS_INT8:
+        if self.native is not None and (rows < NATIVE_ROWS_INT8 or self.q.numel() > WIDE_MAX_WEIGHTS):
             y = self.native.matmul(_flat(x, self.in_features, torch.float32), self.q, self.scale32)
             return _finish(y, x, self.out_features, self.bias)
         if rows >= WIDE_ROWS and self.q.numel() <= WIDE_MAX_WEIGHTS and x.dtype.is_floating_point:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gguf_factory import write_tiny_gguf
 from inference.generate import stream_generate
 from inference.params import GenerationParams
-from models import native_kernels
+from models import native_kernels, qlinear
 from models.loader import LoadError, LoadOptions, load_model
 from models.qlinear import NATIVE_ROWS_INT8, WIDE_ROWS_INT4, Int4Linear, Int8Linear, int4_scales_zeros, pack_int4
 from models.quant_blocks import int8_rows, round_int4
@@ -112,6 +112,12 @@ def test_int8_linear_uses_it_for_decode_steps_and_short_prefills(kernels, monkey
     layer(torch.randn(NATIVE_ROWS_INT8, 64))  # a long one: the dequantized product
     assert not calls
     assert "AVX2" in repr(layer)
+    monkeypatch.setattr(qlinear, "WIDE_MAX_WEIGHTS", 96 * 64 - 1)  # a table too large to dequantize
+    x = torch.randn(NATIVE_ROWS_INT8 + 3, 64)  # a whole prompt's logits: the kernel at any width
+    got = layer(x)
+    assert calls
+    want = F.linear(x, torch.from_numpy(table.dequantize()), bias)
+    assert (got - want).norm() / want.norm() < 0.01
 
 
 def int4_layer(weights: np.ndarray, kernels=None):
