@@ -169,6 +169,9 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
             step(f"{level} concurrent /v1 session(s), {args.concurrent_tokens} tokens each")
             concurrency[str(level)] = api.run_concurrent(running.chat_url, MODEL_ID, PROMPTS, level,
                                                          args.concurrent_tokens)
+            if anchor and level == 8 and isinstance(single.get("llamacpp"), dict):
+                step("llama.cpp's own batched decoding of the same 8 prompts (child process)")
+                single["llamacpp"]["batched_8"] = llamacpp_batched(args, running, gguf, level)
         followup = measure_followup(args, running, main_dir, notes)
         step("hot-swap: unload one model, first token from another (same weights, cache warm)")
         swap_id = api.add_model_copy(main_dir / "models", gguf, SWAP_STEM)
@@ -276,6 +279,19 @@ def llamacpp_anchor(args, gguf: Path, notes: list[str]):
         return llamacpp.run_child(args.llamacpp_python, gguf, threads, args.tokens, SINGLE_PROMPT, PREFILL_TEXT)
 
     return run_once
+
+
+def llamacpp_batched(args, running, gguf: Path, sessions: int) -> dict:
+    """llama.cpp decoding the concurrent sessions' prompts (as our chat template renders them) as one batch
+    of sequences, `--concurrent-tokens` each: what llama.cpp itself makes of the aggregate target's load."""
+    import torch
+
+    from bench import llamacpp
+
+    with running.service.manager.use(MODEL_ID) as lm:
+        prompts = [lm.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(sessions)]
+    return llamacpp.run_batched_child(args.llamacpp_python, gguf, torch.get_num_threads(), prompts,
+                                      args.concurrent_tokens)
 
 
 def merge_anchor_runs(runs: list[dict]) -> dict:

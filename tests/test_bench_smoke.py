@@ -69,3 +69,30 @@ def test_llamacpp_runs_interleaved_with_ours_are_merged_by_median():
     ratios = report.compute_ratios(result)
     assert ratios["decode_vs_llamacpp"] == round(20.0 / 44.0, 4)
     assert ratios["prefill_vs_llamacpp"] == round(341.3 / 343.0, 4)
+
+
+def test_llamacpps_own_batched_run_is_reported_beside_ours():
+    result = fake_results()
+    result["llamacpp"] = {"decode_tok_s": 40.0, "prefill_tok_s": 300.0, "load_s": 0.3,
+                          "batched_8": {"sequences": 8, "tokens_each": 48, "aggregate_tok_s": 72.0}}
+    result["prefill"] = {"tok_s": 330.0}
+    result["meta"] = run.describe_machine(run.parse_args([]), [])
+    result["ratios"] = report.compute_ratios(result)
+    result["targets"] = report.compute_targets(result)
+    assert result["ratios"]["aggregate_8_vs_llamacpp_batched_8"] == round(60.0 / 72.0, 4)
+    assert result["ratios"]["llamacpp_batched_8_vs_single"] == 1.8
+    text = report.table(result)
+    assert "aggregate tok/s, 8 sessions" in text and "1.800x its single-stream decode" in text
+    del result["llamacpp"]["batched_8"]  # not run (no llama_cpp, or an older result)
+    assert report.compute_ratios(result)["aggregate_8_vs_llamacpp_batched_8"] is None
+
+
+def test_the_batched_child_reports_a_missing_llama_cpp_as_an_error(tmp_path):
+    import sys
+
+    from bench import llamacpp
+
+    if llamacpp.available(sys.executable):
+        return  # this environment has llama_cpp: nothing to refuse
+    done = llamacpp.run_batched_child(sys.executable, tmp_path / "none.gguf", 2, [[2, 3]], 4, timeout_s=120)
+    assert "error" in done and "llama_cpp" in done["error"]
