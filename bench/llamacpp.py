@@ -1,7 +1,7 @@
 """The llama.cpp anchor: the same GGUF file and thread count through llama-cpp-python, in a child process.
 
     python bench/llamacpp.py MODEL.gguf [--threads 2] [--tokens 64]   # prints one JSON object
-    python bench/llamacpp.py MODEL.gguf --batched < '{"prompts": [[ids...], ...], "tokens": 48}'
+    echo '{"prompts": [[ids...], ...], "tokens": 48}' | python bench/llamacpp.py MODEL.gguf --batched
 
 llama-cpp-python is optional and not in requirements.txt (it builds llama.cpp from source, ~6 min on
 2 cores): `python -m venv /tmp/llamacpp && /tmp/llamacpp/bin/pip install llama-cpp-python`, then

@@ -29,10 +29,8 @@ PREFILTER_MIN = 4096  # values below which `best` is torch's topk as it is
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """Each row's best token (the first on ties; a NaN counts as the best, as in torch's argmax) of
     logits [rows, vocab] or [vocab]; a list of one token per row, or a one-item list."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        found = logits.numpy().argmax(-1)
-        return [int(found)] if found.ndim == 0 else found.tolist()
-    found = logits.argmax(-1)
+    on_numpy = logits.device.type == "cpu" and logits.dtype == torch.float32
+    found = logits.numpy().argmax(-1) if on_numpy else logits.argmax(-1)
     return [int(found)] if found.ndim == 0 else found.tolist()
 
 

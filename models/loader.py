@@ -355,7 +355,8 @@ REFRESHED_KEYS = ("rope_parameters", "query_pre_attn_scalar")
 def refresh_config(header: GGUFHeader, folder: Path) -> None:
     """Bring a cached checkpoint's `config.json` up to date where this version reads the GGUF
     differently in a way the converted weights do not depend on (`REFRESHED_KEYS`: Llama 3.1's
-    rotary scaling and Gemma 3 27B's attention scale, which conversions before them had wrong). Written in place of the old file, atomically."""
+    rotary scaling and Gemma 3 27B's attention scale, which conversions before them had wrong).
+    Written in place of the old file, atomically."""
     path = folder / "config.json"
     stored = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(stored, dict):
