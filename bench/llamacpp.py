@@ -59,6 +59,8 @@ def measure_batched(model: Path, threads: int, prompts: list[list[int]], tokens:
     import llama_cpp as lc
     import numpy as np
 
+    if tokens < 2 or not prompts or not all(prompts):
+        raise ValueError("the batched run takes 2 or more tokens and a non-empty prompt for each sequence")
     llm = _llama(model, threads, 512)
     sequences, longest = len(prompts), max(len(ids) for ids in prompts)
     params = lc.llama_context_default_params()

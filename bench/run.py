@@ -171,7 +171,9 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
                                                          args.concurrent_tokens)
             if anchor and level == 8 and isinstance(single.get("llamacpp"), dict):
                 step("llama.cpp's own batched decoding of the same 8 prompts (child process)")
-                single["llamacpp"]["batched_8"] = llamacpp_batched(args, running, gguf, level)
+                batched = single["llamacpp"]["batched_8"] = llamacpp_batched(args, running, gguf, level)
+                if "error" in batched:
+                    notes.append(f"llama.cpp's batched run failed: {batched['error']}")
         followup = measure_followup(args, running, main_dir, notes)
         step("hot-swap: unload one model, first token from another (same weights, cache warm)")
         swap_id = api.add_model_copy(main_dir / "models", gguf, SWAP_STEM)

@@ -11,7 +11,8 @@ Finding the best tokens is itself most of a row's cost: torch's topk over 262,14
 and its argmax ~0.3 ms on this project's CPUs, several per batched decode step. On the CPU both go
 through numpy (`greedy_tokens`, `best`): its argmax is vectorised (~10x faster), and the k best are
 looked for only among the tokens at least as good as the k-th best of every 8th token, a superset of
-them (a few hundred tokens for k = 40) found in two vectorised passes.
+them (a few hundred tokens for k = 40) found in two vectorised passes. Equal logits come out lower id
+first (torch's topk leaves their order to its sort), so a seed draws the same token on every path.
 """
 
 from __future__ import annotations
@@ -24,34 +25,62 @@ from .params import GenerationParams
 FIRST_WINDOW = 256  # top-p without top-k looks at this many best tokens first, then 4x more at a time
 STRIDE = 8  # `best` takes its threshold from every STRIDE-th value
 PREFILTER_MIN = 4096  # values below which `best` is torch's topk as it is
+PREFILTER_SHARE = 16  # ... and where more than 1/16 of the row passes its threshold
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """Each row's best token (the first on ties; a NaN counts as the best, as in torch's argmax) of
     logits [rows, vocab] or [vocab]; a list of one token per row, or a one-item list."""
     on_numpy = logits.device.type == "cpu" and logits.dtype == torch.float32
-    found = logits.numpy().argmax(-1) if on_numpy else logits.argmax(-1)
+    found = logits.detach().numpy().argmax(-1) if on_numpy else logits.argmax(-1)
     return [int(found)] if found.ndim == 0 else found.tolist()
 
 
 def best(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.topk(values, k)` of a 1-D tensor: the k largest values, largest first, and their indices.
+    """The k largest of a 1-D tensor, largest first, and their indices: `torch.topk(values, k)`, except that
+    equal values come lower index first, also where the k-th place cuts a run of them (torch leaves both
+    to its sort).
 
-    On the CPU, over a long float32 row without NaN: the k-th largest of every STRIDE-th value is at most
-    the row's k-th largest, so the values at least that large hold the k best (and at least k values);
-    torch's topk then runs over those alone."""
-    size = values.numel()
-    if size < PREFILTER_MIN or k * STRIDE * 4 > size or values.device.type != "cpu" or values.dtype != torch.float32:
-        return torch.topk(values, k)
-    row = values.numpy()
-    sample = row[::STRIDE].copy()
-    cut = sample.size - k
-    threshold = np.partition(sample, cut)[cut]
-    if np.isnan(threshold) or np.isnan(row.max()):  # NaN sorts above everything in torch's topk
-        return torch.topk(values, k)
-    ids = torch.from_numpy(np.flatnonzero(row >= threshold))
-    top, order = torch.topk(values[ids], k)
-    return top, ids[order]
+    On the CPU (float32, no NaN), over a long row: the k-th largest of every STRIDE-th value is at most the
+    row's k-th largest, so the values at least that large hold the k best; only they are sorted. Where
+    they are a large share of the row (a low temperature's probabilities, mostly zeros), the k best are
+    the values above the k-th largest and the first ones equal to it."""
+    if values.device.type != "cpu" or values.dtype != torch.float32:
+        return _ties_in_order(*torch.topk(values, k))
+    row = values.detach().numpy()
+    size = row.size
+    if np.isnan(row.max()):  # NaN sorts above everything in torch's topk
+        return _ties_in_order(*torch.topk(values, k))
+    if size >= PREFILTER_MIN and k * STRIDE * 4 <= size:
+        threshold = float(torch.topk(values[::STRIDE], k).values[-1])  # numpy's partition is slow on ties
+        passing = row >= threshold
+        if np.count_nonzero(passing) <= size // PREFILTER_SHARE:
+            return _first_in_order(row, np.flatnonzero(passing), k)
+        above = np.flatnonzero(row > threshold)
+        if above.size < k:  # then the threshold is the k-th largest (ties with it, mostly zeros, fill up)
+            return _with_ties(row, above, threshold, k)
+    kth = float(torch.topk(values, k).values[-1])
+    return _with_ties(row, np.flatnonzero(row > kth), kth, k)
+
+
+def _with_ties(row: np.ndarray, above: np.ndarray, kth: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best from the indices of the values above the k-th largest and the first ones equal to it."""
+    return _first_in_order(row, np.concatenate([above, np.flatnonzero(row == kth)[:k - above.size]]), k)
+
+
+def _first_in_order(row: np.ndarray, ids: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of `ids` (indices into `row`) by value, largest first, then by index."""
+    chosen = ids[np.lexsort((ids, -row[ids]))[:k]]
+    return torch.from_numpy(row[chosen]), torch.from_numpy(chosen)
+
+
+def _ties_in_order(top: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's topk result with each run of equal values ordered by index (nothing to do without ties)."""
+    if top.numel() < 2 or not bool((top[1:] == top[:-1]).any()):
+        return top, ids
+    order = np.lexsort((ids.cpu().numpy(), -top.detach().float().cpu().numpy()))
+    order = torch.from_numpy(order).to(top.device)
+    return top[order], ids[order]
 
 
 def sample_next(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None,
@@ -132,7 +161,7 @@ def top_k_with_ties(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 def count_at_least(values: torch.Tensor, floor: float) -> int:
     """How many of `values` (1-D) are >= floor; through numpy on the CPU (~6x faster over 262,144 floats)."""
     if values.device.type == "cpu" and values.dtype == torch.float32:
-        return int(np.count_nonzero(values.numpy() >= floor))
+        return int(np.count_nonzero(values.detach().numpy() >= floor))
     return int((values >= floor).sum())
 
 

@@ -16,8 +16,9 @@ and fixed:
   frequency) and transformers' GGUF loader drops: `llama3_rope` finds the "llama3" parameters that give
   those divisors, so the model runs with the frequencies it was trained with;
 - Gemma 3 27B's attention scale, which no GGUF key holds: llama.cpp (and Google's reference code) scale
-  its queries by 1/sqrt(hidden / heads) = 1/sqrt(168), every other size by 1/sqrt(head_dim) (256), the
-  value transformers' loader gives them all (`gemma3_query_scalar`).
+  its queries by 1/sqrt(hidden / heads) = 1/sqrt(168); transformers' loader gives every size its default
+  1/sqrt(256), right for the other sizes (llama.cpp takes their head_dim, 256 in each)
+  (`gemma3_query_scalar`).
 
 Tests check each against transformers' own (config.json, name map, converted bytes), so a transformers
 release that changes them shows up there; the two departures above are tested on their own.
@@ -131,7 +132,8 @@ GEMMA3_27B_LAYERS = 62  # how llama.cpp tells Gemma 3 27B from the other sizes (
 def gemma3_query_scalar(config: dict) -> int:
     """Gemma 3's `query_pre_attn_scalar` (queries are scaled by its inverse square root): hidden size / heads
     for the 27B model (168; its head_dim is 128), as llama.cpp and Google's reference code take it; otherwise
-    transformers' default 256, which is every other size's head_dim."""
+    transformers' default 256, every other released size's head_dim (llama.cpp takes the GGUF's head_dim: a
+    custom model with another one would differ; none is known)."""
     if config["num_hidden_layers"] == GEMMA3_27B_LAYERS:
         return config["hidden_size"] // config["num_attention_heads"]
     return DEFAULTS["gemma3_text"]["query_pre_attn_scalar"]

@@ -46,10 +46,10 @@ WIDE_MAX_WEIGHTS = 1 << 24
 WIDE_ROWS_INT4 = 128
 # int8 weights with the AVX2 kernel: the kernel serves inputs of fewer rows than this (a batch's
 # prefill of short prompts, a chunk of a long one), the dequantized float product wider ones
-# (bench/RESULTS.md: the kernel 1.2-1.7x faster at 192 rows, 0.85-0.93x at 512). A table too large
-# to dequantize (an output projection over a large vocabulary, for a whole prompt's logits) stays on
-# the kernel at any width: ~1.8x faster than torch's int8 kernel there (2.5 against 4.3-4.8 s for
-# 512 rows of Gemma 3's 262,144-token table).
+# (bench/RESULTS.md: the kernel 1.2-1.7x faster at 192 rows, 0.85-0.93x at 512). A matrix too large
+# to dequantize (`WIDE_MAX_WEIGHTS`: a large vocabulary's output projection for a whole prompt's logits,
+# the MLPs of int8 models of 4B parameters or more) stays on the kernel at any width, where torch's int8
+# kernel served before: 1.7-2.4x faster at 256-512 rows (bench/RESULTS.md, 2026-12-02 morning).
 NATIVE_ROWS_INT8 = 256
 
 
@@ -169,9 +169,10 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W int8 and one scale per output row.
 
-    `native`: the AVX2 kernel (models/native_kernels.py), used for inputs of fewer than `NATIVE_ROWS_INT8`
-    rows, and for all inputs where the weights are too many to dequantize (`WIDE_MAX_WEIGHTS`); it quantizes the activations to int8 in blocks of 32, so its results differ from the
-    bfloat16-input kernel's by rounding (the quality gate in tests/test_models_bundled.py bounds it).
+    `native`: the AVX2 kernel (models/native_kernels.py), used for inputs of fewer than
+    `NATIVE_ROWS_INT8` rows, and of any width where the weights are too many to dequantize
+    (`WIDE_MAX_WEIGHTS`); it quantizes the activations to int8 in blocks of 32, so its results differ
+    from the bfloat16-input kernel's by rounding (the quality gate in tests/test_models_bundled.py bounds it).
     """
 
     def __init__(self, in_features: int, out_features: int, q: torch.Tensor, scale: torch.Tensor,

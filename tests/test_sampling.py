@@ -1,5 +1,6 @@
 """Next-token sampling: the short-list filters give the distribution of filtering the whole vocabulary."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,16 +151,42 @@ def test_presence_and_frequency_penalties_follow_openais_formula():
     assert not GenerationParams(temperature=0.0).penalised
 
 
+def best_by_sorting(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for `best`: every value sorted, largest first, equal ones by index."""
+    order = torch.from_numpy(np.lexsort((np.arange(logits.numel()), -logits.numpy()))[:k])
+    return logits[order], order
+
+
 @pytest.mark.parametrize("k", [1, 40, 256, 1024, 40_000])
-def test_best_is_torchs_topk(k):
-    """`best` (a numpy threshold first, on long CPU rows) picks what torch.topk picks, best first."""
+def test_best_is_torchs_topk_with_ties_by_index(k):
+    """`best` (a numpy threshold first, on long CPU rows) picks what torch.topk picks, best first, and
+    equal values lower index first: bfloat16-rounded logits (a GPU's, or a CPU's with native bfloat16)
+    are full of ties, some at the threshold and at the k-th place."""
     from inference.sampling import best
 
-    for logits in (peaked_logits(seed=k, spread=3.0), peaked_logits(seed=k, spread=0.3), torch.randn(5000)):
+    rows = [peaked_logits(seed=k, spread=3.0), peaked_logits(seed=k, spread=0.3), torch.randn(5000)]
+    rows += [row.to(torch.bfloat16).float() for row in rows]
+    rows.append(torch.softmax(peaked_logits(seed=k, spread=3.0) / 0.05, dim=-1))  # mostly zeros: the plain path
+    for logits in rows:
         values, ids = best(logits, min(k, logits.numel()))
-        want_values, want_ids = torch.topk(logits, min(k, logits.numel()))
-        assert torch.equal(values, want_values)
-        assert torch.equal(logits[ids], want_values) and ids.unique().numel() == ids.numel()
+        want_values, want_ids = best_by_sorting(logits, min(k, logits.numel()))
+        assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
+
+
+def test_a_seed_draws_the_same_token_whichever_path_finds_the_best():
+    """Tied logits in another order would let the same random point land on another token."""
+    from inference import sampling
+
+    params = GenerationParams(temperature=0.8, top_k=40, top_p=0.95)
+    logits = peaked_logits(seed=5, spread=2.0).to(torch.bfloat16).float()
+    fast = [sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(60)]
+    prefilter = sampling.PREFILTER_MIN
+    try:
+        sampling.PREFILTER_MIN = VOCAB + 1  # torch's topk over the whole row
+        plain = [sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(60)]
+    finally:
+        sampling.PREFILTER_MIN = prefilter
+    assert fast == plain
 
 
 def test_best_and_greedy_treat_nan_and_ties_as_torch_does():
@@ -174,3 +201,5 @@ def test_best_and_greedy_treat_nan_and_ties_as_torch_does():
     assert greedy_tokens(rows) == rows.argmax(-1).tolist() == [int(rows[0].argmax()), 9, 5]
     assert greedy_tokens(rows[0]) == [int(rows[0].argmax())]
     assert greedy_tokens(rows.to(torch.bfloat16)) == rows.to(torch.bfloat16).argmax(-1).tolist()
+    grad = torch.randn(VOCAB, requires_grad=True)  # outside inference mode, as torch's own functions take it
+    assert greedy_tokens(grad) == [int(grad.argmax())] and torch.equal(best(grad, 40)[1], best_by_sorting(grad.detach(), 40)[1])
