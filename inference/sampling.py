@@ -12,7 +12,8 @@ and its argmax ~0.3 ms on this project's CPUs, several per batched decode step. 
 through numpy (`greedy_tokens`, `best`): its argmax is vectorised (~10x faster), and the k best are
 looked for only among the tokens at least as good as the k-th best of every 8th token, a superset of
 them (a few hundred tokens for k = 40) found in two vectorised passes. Equal logits come out lower id
-first (torch's topk leaves their order to its sort), so a seed draws the same token on every path.
+first (torch's topk leaves their order to its sort), so a seed draws the same token whichever way the
+best were found.
 """
 
 from __future__ import annotations

@@ -173,19 +173,15 @@ def test_best_is_torchs_topk_with_ties_by_index(k):
         assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
 
 
-def test_a_seed_draws_the_same_token_whichever_path_finds_the_best():
+def test_a_seed_draws_the_same_token_whichever_path_finds_the_best(monkeypatch):
     """Tied logits in another order would let the same random point land on another token."""
     from inference import sampling
 
     params = GenerationParams(temperature=0.8, top_k=40, top_p=0.95)
     logits = peaked_logits(seed=5, spread=2.0).to(torch.bfloat16).float()
     fast = [sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(60)]
-    prefilter = sampling.PREFILTER_MIN
-    try:
-        sampling.PREFILTER_MIN = VOCAB + 1  # torch's topk over the whole row
-        plain = [sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(60)]
-    finally:
-        sampling.PREFILTER_MIN = prefilter
+    monkeypatch.setattr(sampling, "PREFILTER_MIN", VOCAB + 1)  # no threshold: torch's topk over the whole row
+    plain = [sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(60)]
     assert fast == plain
 
 
