@@ -48,7 +48,8 @@ def best(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     the values above the k-th largest and the first ones equal to it."""
     if values.device.type != "cpu" or values.dtype != torch.float32:
         return _ties_in_order(*torch.topk(values, k))
-    row = values.detach().numpy()
+    values = values.detach()
+    row = values.numpy()
     size = row.size
     if np.isnan(row.max()):  # NaN sorts above everything in torch's topk
         return _ties_in_order(*torch.topk(values, k))
