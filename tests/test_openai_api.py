@@ -389,3 +389,19 @@ def test_concurrent_requests_never_crash_the_server(locked_app):
         thread.join(timeout=60)
     assert len(statuses) == 4 and set(statuses) <= {200, 429} and 200 in statuses
     wait_until(lambda: locked_app.service.engine.gate.running == 0, timeout=5, what="the engine to be idle")
+
+
+def test_a_stream_checks_its_client_at_most_every_poll_interval(monkeypatch):
+    """Each check costs the event loop; a token every few ms need not pay for one each (50 ms at most apart)."""
+    from types import SimpleNamespace
+
+    from inference.http import streams
+
+    clock = [100.0]
+    monkeypatch.setattr(streams.time, "monotonic", lambda: clock[0])
+    request = SimpleNamespace(scope={})
+    assert streams._check_due(request)  # the first chunk: checked
+    clock[0] += streams.DISCONNECT_POLL_S / 2
+    assert not streams._check_due(request)  # the next, soon after: not
+    clock[0] += streams.DISCONNECT_POLL_S / 2
+    assert streams._check_due(request) and not streams._check_due(request)
