@@ -853,9 +853,9 @@ def queued_ui(service: ChatService) -> gr.Blocks:
 
 
 # Gradio's queue looks for new events every 1 ms while it has none, and for progress to send every 10 ms:
-# ~1,000 wake-ups a second of the server's event loop, 4.5-6.9% of a core for an idle app and ~1 ms of CPU
+# ~1,000 wake-ups a second of the server's event loop: 4.8-5.8% of a core for an idle app, and ~1 ms of CPU
 # per streamed token taken from the decode loop's threads (2 cores, bench/RESULTS.md). 20 / 50 ms instead:
-# 1.6% idle; an event waits at most 20 ms to start.
+# 1.9-2.1% idle; an event waits at most 20 ms to start.
 UI_QUEUE_POLL_S = 0.02
 UI_PROGRESS_POLL_S = 0.05
 

@@ -391,17 +391,13 @@ def test_concurrent_requests_never_crash_the_server(locked_app):
     wait_until(lambda: locked_app.service.engine.gate.running == 0, timeout=5, what="the engine to be idle")
 
 
-def test_a_stream_checks_its_client_at_most_every_poll_interval(monkeypatch):
+def test_a_stream_checks_its_client_at_most_every_poll_interval():
     """Each check costs the event loop; a token every few ms need not pay for one each (50 ms at most apart)."""
     from types import SimpleNamespace
 
     from inference.http import streams
 
-    clock = [100.0]
-    monkeypatch.setattr(streams.time, "monotonic", lambda: clock[0])
-    request = SimpleNamespace(scope={})
-    assert streams._check_due(request)  # the first chunk: checked
-    clock[0] += streams.DISCONNECT_POLL_S / 2
-    assert not streams._check_due(request)  # the next, soon after: not
-    clock[0] += streams.DISCONNECT_POLL_S / 2
-    assert streams._check_due(request) and not streams._check_due(request)
+    poll, request = streams.DISCONNECT_POLL_S, SimpleNamespace(scope={})
+    assert streams._check_due(request, 100.0)  # the first chunk: checked
+    assert not streams._check_due(request, 100.0 + poll / 2)  # the next, soon after: not
+    assert streams._check_due(request, 100.0 + poll * 1.5) and not streams._check_due(request, 100.0 + poll * 1.5)

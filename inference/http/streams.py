@@ -270,9 +270,9 @@ async def next_or_disconnect(request: Request, source: ChunkSource, step: Callab
             return task.result()
 
 
-def _check_due(request: Request) -> bool:
+def _check_due(request: Request, now: float | None = None) -> bool:
     """Whether DISCONNECT_POLL_S has passed since this request's last disconnect check (then one is due now)."""
-    now = time.monotonic()
+    now = time.monotonic() if now is None else now
     if now - request.scope.get(LAST_CHECK, float("-inf")) < DISCONNECT_POLL_S:
         return False
     request.scope[LAST_CHECK] = now
