@@ -198,8 +198,9 @@ def table(r: dict) -> str:
          ["load s (started service / llama.cpp)", _fmt(loads["warm"].get("started_to_first_token_s")),
           _fmt(llama.get("load_s")), _fmt(ratios.get("warm_load_running_vs_llamacpp_load"), "x")]]))
     if "aggregate_tok_s" in (llama.get("batched_8") or {}):
-        parts.append(f"llama.cpp's own aggregate at 8 sequences is {_fmt(ratios.get('llamacpp_batched_8_vs_single'), 'x')} "
-                     f"its single-stream decode (the aggregate_8_vs_llamacpp target asks 4x of ours)")
+        times = _fmt(ratios.get("llamacpp_batched_8_vs_single"), "x")
+        parts.append(f"llama.cpp's own aggregate at 8 sequences is {times} its single-stream decode "
+                     "(the aggregate_8_vs_llamacpp target asks 4x of ours)")
     verdict = {True: "PASS", False: "FAIL", None: "—"}
     target_rows = [[t["name"], _fmt(t["measured"]), t["limit"], verdict[t["pass"]]] for t in r["targets"]]
     parts.append("\nTargets\n" + _rows(["target", "measured", "limit", "result"], target_rows))

@@ -198,4 +198,5 @@ def test_best_and_greedy_treat_nan_and_ties_as_torch_does():
     assert greedy_tokens(rows[0]) == [int(rows[0].argmax())]
     assert greedy_tokens(rows.to(torch.bfloat16)) == rows.to(torch.bfloat16).argmax(-1).tolist()
     grad = torch.randn(VOCAB, requires_grad=True)  # outside inference mode, as torch's own functions take it
-    assert greedy_tokens(grad) == [int(grad.argmax())] and torch.equal(best(grad, 40)[1], best_by_sorting(grad.detach(), 40)[1])
+    assert greedy_tokens(grad) == [int(grad.argmax())]
+    assert torch.equal(best(grad, 40)[1], best_by_sorting(grad.detach(), 40)[1])
