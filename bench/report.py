@@ -184,6 +184,7 @@ def table(r: dict) -> str:
     parts.append(f"model growth on load: {_fmt(loads['warm'].get('model_growth_mib'))} MiB for a "
                  f"{_fmt(r['meta'].get('model_file_mib'))} MiB file")
     llama, prefill, ratios = r.get("llamacpp") or {}, r.get("prefill") or {}, r["ratios"]
+    batched = llama.get("batched_8") or {}
     parts.append("\nAgainst llama.cpp (same file, same threads)\n" + _rows(
         ["figure", "this app", "llama.cpp", "ratio"],
         [["decode tok/s (engine)", _fmt(engine.get("decode_tok_s")), _fmt(llama.get("decode_tok_s")),
@@ -193,11 +194,11 @@ def table(r: dict) -> str:
          ["512-token prefill tok/s", _fmt(prefill.get("tok_s")), _fmt(llama.get("prefill_tok_s")),
           _fmt(ratios.get("prefill_vs_llamacpp"), "x")],
          ["aggregate tok/s, 8 sessions (/v1 / batched)", _fmt(r["concurrency"].get("8", {}).get("aggregate_tok_s")),
-          _fmt((llama.get("batched_8") or {}).get("aggregate_tok_s")),
+          _fmt(batched.get("aggregate_tok_s")),
           _fmt(ratios.get("aggregate_8_vs_llamacpp_batched_8"), "x")],
          ["load s (started service / llama.cpp)", _fmt(loads["warm"].get("started_to_first_token_s")),
           _fmt(llama.get("load_s")), _fmt(ratios.get("warm_load_running_vs_llamacpp_load"), "x")]]))
-    if "aggregate_tok_s" in (llama.get("batched_8") or {}):
+    if "aggregate_tok_s" in batched:
         times = _fmt(ratios.get("llamacpp_batched_8_vs_single"), "x")
         parts.append(f"llama.cpp's own aggregate at 8 sequences is {times} its single-stream decode "
                      "(the aggregate_8_vs_llamacpp target asks 4x of ours)")

@@ -169,7 +169,7 @@ def serve(args, main_dir: Path, gguf: Path, notes: list[str]) -> dict:
             step(f"{level} concurrent /v1 session(s), {args.concurrent_tokens} tokens each")
             concurrency[str(level)] = api.run_concurrent(running.chat_url, MODEL_ID, PROMPTS, level,
                                                          args.concurrent_tokens)
-            if anchor and level == 8 and isinstance(single.get("llamacpp"), dict):
+            if anchor and level == 8:  # (with an anchor, single["llamacpp"] holds its merged runs)
                 step("llama.cpp's own batched decoding of the same 8 prompts (child process)")
                 batched = single["llamacpp"]["batched_8"] = llamacpp_batched(args, running, gguf, level)
                 if "error" in batched:
