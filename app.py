@@ -848,24 +848,7 @@ def queued_ui(service: ChatService) -> gr.Blocks:
     # queues them all), so a queue full of waiting chats would refuse the /stop that frees it, and 0 refused
     # everything. Chats wait their turn here (the UI shows the position); the engine's gate bounds generations.
     demo.queue(default_concurrency_limit=16, max_size=None)
-    quiet_queue(demo)
     return demo
-
-
-# Gradio's queue looks for new events every 1 ms while it has none, and for progress to send every 10 ms:
-# ~1,000 wake-ups a second of the server's event loop: 4.8-5.8% of a core for an idle app, and ~1 ms of CPU
-# per streamed token taken from the decode loop's threads (2 cores, bench/RESULTS.md). 20 / 50 ms instead:
-# 1.9-2.1% idle; an event waits at most 20 ms to start.
-UI_QUEUE_POLL_S = 0.02
-UI_PROGRESS_POLL_S = 0.05
-
-
-def quiet_queue(demo: gr.Blocks) -> None:
-    """Slow Gradio's idle polling (`UI_QUEUE_POLL_S`); a Gradio without these queue settings is left as it is."""
-    queue = getattr(demo, "_queue", None)
-    if queue is not None and hasattr(queue, "sleep_when_free") and hasattr(queue, "progress_update_sleep_when_free"):
-        queue.sleep_when_free = UI_QUEUE_POLL_S
-        queue.progress_update_sleep_when_free = UI_PROGRESS_POLL_S
 
 
 def create_app(service: ChatService, ui: bool = True):

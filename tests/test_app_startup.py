@@ -111,9 +111,5 @@ def test_the_ui_restarts_with_each_start_of_its_server(tmp_path, tiny_models, mo
                 assert client.get("/health").json()["ui"] == "ready"
                 event, models = gradio_call(client, "list_models")
                 assert event == "complete" and "tiny-llama" in {m["id"] for m in models}
-                queues = [gradio_app.get_blocks()._queue for gradio_app in app_module.mounted_gradio_apps(asgi)]
-                assert queues and all(queue.sleep_when_free == app_module.UI_QUEUE_POLL_S  # not Gradio's 1 ms
-                                      and queue.progress_update_sleep_when_free == app_module.UI_PROGRESS_POLL_S
-                                      for queue in queues)
     finally:
         service.close()
